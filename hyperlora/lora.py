@@ -1,0 +1,183 @@
+"""Generated LoRA weights and the ways to apply them to a UNet.
+
+1. `functional_lora` (training and runtime): forward hooks add a per-sample update
+   scale[b] * (alpha / r) * B[b] @ A[b] @ x to each target linear; gradients flow into the
+   hypernetwork, the UNet stays frozen and unmodified.
+2. `to_peft_state_dict` + diffusers: `pipe.load_lora_weights(...)` / `unet.load_lora_adapter(...)`,
+   `set_adapters` for separate ID and Base weights, `fuse_lora` for zero per-step overhead.
+3. Files: see `export.py` (kohya, as the official Save-LoRA node writes it, and diffusers/PEFT).
+
+Keys of `LoRAWeights.layers` are the diffusers paths of the adapted nn.Linear modules, e.g.
+`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoRAWeights:
+    """One generated LoRA: per target linear, down [B, r, in] and up [B, out, r]."""
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    alpha: float
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: 0.5 under the release's convention."""
+        return self.alpha / self.rank
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[0]
+
+    def select(self, index: int) -> "LoRAWeights":
+        """The LoRA of one sample, batch dimension kept (size 1)."""
+        layers = {k: (d[index : index + 1], u[index : index + 1]) for k, (d, u) in self.layers.items()}
+        return LoRAWeights(layers, self.rank, self.alpha)
+
+    def detach(self) -> "LoRAWeights":
+        layers = {k: (d.detach(), u.detach()) for k, (d, u) in self.layers.items()}
+        return LoRAWeights(layers, self.rank, self.alpha)
+
+    def to(self, *args, **kwargs) -> "LoRAWeights":
+        layers = {k: (d.to(*args, **kwargs), u.to(*args, **kwargs)) for k, (d, u) in self.layers.items()}
+        return LoRAWeights(layers, self.rank, self.alpha)
+
+    def delta(self, path: str, index: int = 0) -> torch.Tensor:
+        """The weight update (alpha / r) * B @ A of one linear for one sample, [out, in]."""
+        down, up = self.layers[path]
+        return self.scale * up[index] @ down[index]
+
+    def parameter_count(self) -> int:
+        return sum(d[0].numel() + u[0].numel() for d, u in self.layers.values())
+
+
+def _as_scale(scale, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A float or a per-sample tensor [B] -> a tensor [B, 1, 1] of the activation's dtype."""
+    scale = torch.as_tensor(scale, dtype=like.dtype, device=like.device)
+    if scale.ndim == 0:
+        scale = scale.expand(batch)
+    if scale.shape != (batch,):
+        raise ValueError(f"per-sample scales must have shape ({batch},), got {tuple(scale.shape)}")
+    return scale.view(batch, 1, 1)
+
+
+def _match_batch(t: torch.Tensor, batch: int, path: str) -> torch.Tensor:
+    """LoRA batch 1 broadcasts; a batch that divides the activations' (CFG: [uncond; cond]) tiles."""
+    n = t.shape[0]
+    if n == batch or n == 1:
+        return t
+    if batch % n:
+        raise ValueError(f"{path}: LoRA batch {n} does not divide the UNet batch {batch}")
+    return t.repeat(batch // n, *([1] * (t.ndim - 1)))
+
+
+class _LoRAHook:
+    """Forward hook of one nn.Linear: output + sum over branches of scale * (x A^T) B^T."""
+
+    def __init__(self, path: str, branches: list[tuple[torch.Tensor, torch.Tensor, float, object]]):
+        self.path = path
+        self.branches = branches  # (down, up, alpha / r, user scale)
+
+    def __call__(self, module: nn.Linear, inputs: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        if x.ndim != 3:
+            raise ValueError(f"{self.path}: expected activations [B, tokens, features], got {tuple(x.shape)}")
+        batch = x.shape[0]
+        for down, up, lora_scale, user_scale in self.branches:
+            down = _match_batch(down, batch, self.path).to(x.dtype)
+            up = _match_batch(up, batch, self.path).to(x.dtype)
+            hidden = x @ down.transpose(1, 2)  # [B, T, r]
+            scale = _as_scale(user_scale, batch, x) * lora_scale
+            output = output + (hidden @ up.transpose(1, 2)) * scale  # [B, T, out]
+        return output
+
+
+@contextlib.contextmanager
+def functional_lora(
+    unet: nn.Module, loras: Sequence[LoRAWeights], scales: Sequence[float | torch.Tensor]
+) -> Iterator[None]:
+    """Apply generated LoRAs to `unet` for the duration of the block, without touching its weights.
+
+    `scales[i]` is a float or a per-sample tensor [B]; a sample whose scale is 0 gets no update
+    from that LoRA, so each branch can be switched on or off sample by sample.
+    """
+    if len(loras) != len(scales):
+        raise ValueError(f"{len(loras)} LoRAs but {len(scales)} scales")
+    modules = dict(unet.named_modules())
+    per_layer: dict[str, list] = {}
+    for lora, scale in zip(loras, scales):
+        for path, (down, up) in lora.layers.items():
+            linear = modules.get(path)
+            if not isinstance(linear, nn.Linear):
+                raise KeyError(f"LoRA layer {path!r} is not an nn.Linear of this UNet")
+            expected = (linear.in_features, linear.out_features)
+            if (down.shape[-1], up.shape[-2]) != expected:
+                raise ValueError(
+                    f"{path}: LoRA maps {down.shape[-1]} -> {up.shape[-2]}, the UNet layer {expected[0]} -> {expected[1]}"
+                )
+            per_layer.setdefault(path, []).append((down, up, lora.scale, scale))
+    handles = [modules[p].register_forward_hook(_LoRAHook(p, b)) for p, b in per_layer.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- diffusers / PEFT ------------------------------------------------------------------------
+
+
+def to_peft_state_dict(lora: LoRAWeights, index: int = 0, prefix: str = "unet.", dtype=None) -> dict[str, torch.Tensor]:
+    """One sample's LoRA as a diffusers/PEFT state dict: `{prefix}{path}.lora_A.weight` / `.lora_B.weight`.
+
+    PEFT's default lora_alpha equals the rank, so the release's alpha / r = 0.5 is folded into
+    lora_B; the update is exactly the same.
+    """
+    state = {}
+    for path, (down, up) in lora.layers.items():
+        state[f"{prefix}{path}.lora_A.weight"] = down[index].detach().contiguous().to(dtype or down.dtype)
+        state[f"{prefix}{path}.lora_B.weight"] = (up[index].detach() * lora.scale).contiguous().to(dtype or up.dtype)
+    return state
+
+
+def load_into_diffusers(
+    pipe_or_unet,
+    loras: dict[str, LoRAWeights],
+    scales: dict[str, float],
+    *,
+    fuse: bool = False,
+    index: int = 0,
+) -> list[str]:
+    """Load generated LoRAs as named diffusers adapters, set their weights, optionally fuse them.
+
+    `pipe_or_unet` is a diffusers pipeline (uses `load_lora_weights`) or a UNet2DConditionModel
+    (uses `load_lora_adapter`). Returns the adapter names. Existing adapters of the same names are
+    replaced, so this can be called again with the LoRAs of another identity.
+    """
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    names = [f"hyperlora_{branch}" for branch in loras]
+    present = set(getattr(unet, "peft_config", {}) or {})
+    stale = [n for n in names if n in present]
+    if stale:
+        pipe_or_unet.delete_adapters(stale)
+    for branch, name in zip(loras, names):
+        if hasattr(pipe_or_unet, "load_lora_weights"):
+            pipe_or_unet.load_lora_weights(to_peft_state_dict(loras[branch], index), adapter_name=name)
+        else:
+            unet.load_lora_adapter(to_peft_state_dict(loras[branch], index), prefix="unet", adapter_name=name)
+    weights = [float(scales[branch]) for branch in loras]
+    pipe_or_unet.set_adapters(names, weights)
+    if fuse:
+        if hasattr(pipe_or_unet, "fuse_lora"):
+            kwargs = {"components": ["unet"]} if hasattr(pipe_or_unet, "load_lora_weights") else {}
+            pipe_or_unet.fuse_lora(adapter_names=names, **kwargs)
+    return names
