@@ -115,6 +115,15 @@ class HyperLoRA(nn.Module):
             if isinstance(layer, HyperLoRALayer):
                 layer.reset_parameters(self.config.init_std)
 
+    @torch.no_grad()
+    def randomize_up_bases(self, std: float = 0.5, seed: int = 0) -> "HyperLoRA":
+        """Random up bases, so an untrained model's LoRAs are non-zero: for demos and tests only."""
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in self.lora_modules.named_parameters():
+            if "up_basis" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+        return self
+
     # --- coefficients -------------------------------------------------------------------------
 
     def id_coefficients(

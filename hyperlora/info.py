@@ -34,6 +34,18 @@ def describe(unet, config: HyperLoRAConfig) -> dict:
     }
 
 
+def module_table(targets) -> list[dict]:
+    """Target modules grouped by UNet block: count, hidden size, cross-attention width."""
+    rows: dict[tuple, dict] = {}
+    for t in targets:
+        block = ".".join(t.name.split(".")[:2]) if not t.name.startswith("mid_block") else "mid_block"
+        kind = "attn2 (cross)" if t.cross_attention_dim else "attn1 (self)"
+        row = rows.setdefault((block, kind), {"block": block, "kind": kind, "modules": 0, "hidden_size": t.hidden_size,
+                                              "cross_attention_dim": t.cross_attention_dim})  # fmt: skip
+        row["modules"] += 1
+    return list(rows.values())
+
+
 def info(world: str = "sdxl", preset_name: str | None = None) -> dict:
     if world not in WORLDS:
         raise ValueError(f"unknown world {world!r}; known: {sorted(WORLDS)}")

@@ -60,20 +60,39 @@ class LoRAWeights:
         return sum(d[0].numel() + u[0].numel() for d, u in self.layers.values())
 
 
-def _as_scale(scale, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A float or a per-sample tensor [B] -> a tensor [B, 1, 1] of the activation's dtype."""
+def _per_sample(scale, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A float or a per-sample tensor [B] -> a tensor [batch, 1, 1] to multiply lora_up with."""
     scale = torch.as_tensor(scale, dtype=like.dtype, device=like.device)
     if scale.ndim == 0:
-        scale = scale.expand(batch)
+        return scale.expand(batch).view(batch, 1, 1)
     if scale.shape != (batch,):
         raise ValueError(f"per-sample scales must have shape ({batch},), got {tuple(scale.shape)}")
     return scale.view(batch, 1, 1)
 
 
+def _stack_branches(branches: list[tuple[torch.Tensor, torch.Tensor, float, object]]):
+    """Fold each branch's alpha / r and user scale into lora_up and concatenate the ranks.
+
+    sum_i s_i c_i B_i A_i x = [s_1 c_1 B_1 | s_2 c_2 B_2] [A_1; A_2] x, so one pair of matmuls
+    per layer serves every branch. Returns down [N, r_total, in] and up [N, out, r_total].
+    """
+    batch = max(max(d.shape[0] for d, _, _, _ in branches), max(torch.as_tensor(s).numel() for *_, s in branches))
+    downs, ups = [], []
+    for down, up, lora_scale, user_scale in branches:
+        n = batch if torch.as_tensor(user_scale).ndim or down.shape[0] != 1 else 1
+        scale = _per_sample(user_scale, n, up) * lora_scale
+        downs.append(down.expand(n, -1, -1) if down.shape[0] != n else down)
+        ups.append((up.expand(n, -1, -1) if up.shape[0] != n else up) * scale)
+    n = max(d.shape[0] for d in downs)
+    downs = [d.expand(n, -1, -1) if d.shape[0] != n else d for d in downs]
+    ups = [u.expand(n, -1, -1) if u.shape[0] != n else u for u in ups]
+    return torch.cat(downs, dim=1), torch.cat(ups, dim=2)
+
+
 def _match_batch(t: torch.Tensor, batch: int, path: str) -> torch.Tensor:
-    """LoRA batch 1 broadcasts; a batch that divides the activations' (CFG: [uncond; cond]) tiles."""
+    """A LoRA batch that divides the activations' batch (CFG: [uncond; cond]) is tiled."""
     n = t.shape[0]
-    if n == batch or n == 1:
+    if n == batch:
         return t
     if batch % n:
         raise ValueError(f"{path}: LoRA batch {n} does not divide the UNet batch {batch}")
@@ -81,24 +100,23 @@ def _match_batch(t: torch.Tensor, batch: int, path: str) -> torch.Tensor:
 
 
 class _LoRAHook:
-    """Forward hook of one nn.Linear: output + sum over branches of scale * (x A^T) B^T."""
+    """Forward hook of one nn.Linear: output + (x A^T) B^T with every branch folded in."""
 
-    def __init__(self, path: str, branches: list[tuple[torch.Tensor, torch.Tensor, float, object]]):
+    def __init__(self, path: str, down: torch.Tensor, up: torch.Tensor):
         self.path = path
-        self.branches = branches  # (down, up, alpha / r, user scale)
+        self.down, self.up = down, up  # [N, r, in], [N, out, r]; N = 1 shares one LoRA over the batch
+        self.shared = (down[0].t(), up[0].t()) if down.shape[0] == 1 else None
 
     def __call__(self, module: nn.Linear, inputs: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
         x = inputs[0]
+        if self.shared is not None:
+            down_t, up_t = self.shared
+            return output + (x @ down_t.to(x.dtype)) @ up_t.to(x.dtype)
         if x.ndim != 3:
             raise ValueError(f"{self.path}: expected activations [B, tokens, features], got {tuple(x.shape)}")
-        batch = x.shape[0]
-        for down, up, lora_scale, user_scale in self.branches:
-            down = _match_batch(down, batch, self.path).to(x.dtype)
-            up = _match_batch(up, batch, self.path).to(x.dtype)
-            hidden = x @ down.transpose(1, 2)  # [B, T, r]
-            scale = _as_scale(user_scale, batch, x) * lora_scale
-            output = output + (hidden @ up.transpose(1, 2)) * scale  # [B, T, out]
-        return output
+        down = _match_batch(self.down, x.shape[0], self.path).to(x.dtype)
+        up = _match_batch(self.up, x.shape[0], self.path).to(x.dtype)
+        return output + (x @ down.transpose(1, 2)) @ up.transpose(1, 2)  # [B, T, r] -> [B, T, out]
 
 
 @contextlib.contextmanager
@@ -108,7 +126,8 @@ def functional_lora(
     """Apply generated LoRAs to `unet` for the duration of the block, without touching its weights.
 
     `scales[i]` is a float or a per-sample tensor [B]; a sample whose scale is 0 gets no update
-    from that LoRA, so each branch can be switched on or off sample by sample.
+    from that LoRA, so each branch can be switched on or off sample by sample. A LoRA of batch 1
+    is shared by every sample; a LoRA batch that divides the UNet batch is tiled (CFG halves).
     """
     if len(loras) != len(scales):
         raise ValueError(f"{len(loras)} LoRAs but {len(scales)} scales")
@@ -125,7 +144,8 @@ def functional_lora(
                     f"{path}: LoRA maps {down.shape[-1]} -> {up.shape[-2]}, the UNet layer {expected[0]} -> {expected[1]}"
                 )
             per_layer.setdefault(path, []).append((down, up, lora.scale, scale))
-    handles = [modules[p].register_forward_hook(_LoRAHook(p, b)) for p, b in per_layer.items()]
+    hooks = {path: _LoRAHook(path, *_stack_branches(branches)) for path, branches in per_layer.items()}
+    handles = [modules[path].register_forward_hook(hook) for path, hook in hooks.items()]
     try:
         yield
     finally:

@@ -31,12 +31,7 @@ def inputs(unet):
 def random_hyperlora(unet, seed: int = 0, **overrides) -> HyperLoRA:
     """A tiny HyperLoRA whose up bases are random too, so its LoRAs are not zero."""
     torch.manual_seed(seed)
-    model = HyperLoRA(preset("tiny", **overrides), find_targets(unet))
-    with torch.no_grad():
-        for name, param in model.lora_modules.named_parameters():
-            if "up_basis" in name:
-                param.normal_(std=0.5)
-    return model
+    return HyperLoRA(preset("tiny", **overrides), find_targets(unet)).randomize_up_bases(0.5, seed)
 
 
 def reference_features(model: HyperLoRA, n: int, seed: int = 0) -> dict:

@@ -1,0 +1,101 @@
+"""Per-step UNet cost of a generated LoRA, and the time from coefficients to a fused UNet.
+
+    python eval/bench_lora.py [--unets tiny mid] [--repeats 30] [--threads 2]
+
+For each UNet (random weights: timing only) it measures one UNet call at batch 2 (classifier-free
+guidance) for: the base UNet; the runtime LoRA (`functional_lora` hooks); diffusers adapters
+(PEFT, unfused); diffusers `fuse_lora` with the adapters kept (unfuse-able); and fused then
+`unload_lora_weights` (plain weights). Variants are timed in interleaved rounds and reported as
+the median ratio to the base time of the same round. Targets: fused <= 1.01 x, runtime <= 1.15 x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from hyperlora import HyperLoRA, find_targets, functional_lora, load_into_diffusers, preset
+from hyperlora.config import TOKENS_PER_MODULE
+from hyperlora.resampler import normalize_coefficients
+from hyperlora.worlds.sdxl import build_unet, unet_inputs
+
+
+def _time(fn, inputs) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn(**inputs)
+    return time.perf_counter() - start
+
+
+def bench_unet(name: str, repeats: int) -> dict:
+    unet = build_unet(name).requires_grad_(False)
+    targets = find_targets(unet)
+    config = preset("sdxl_v1" if name == "sdxl" else "tiny", hyper_dim=128, rank=8, has_base_lora=True)
+    model = HyperLoRA(config, targets).randomize_up_bases(0.02)
+    coefficients = normalize_coefficients(torch.randn(1, TOKENS_PER_MODULE * len(targets), config.hyper_dim))
+    inputs = unet_inputs(unet, batch=2)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        loras = {"id": model.assemble(coefficients, "id"), "base": model.assemble(coefficients, "base")}
+    assemble_s = time.perf_counter() - start
+
+    adapters = copy.deepcopy(unet)
+    load_into_diffusers(adapters, loras, {"id": 0.85, "base": 0.25})
+    fused = copy.deepcopy(unet)
+    start = time.perf_counter()
+    load_into_diffusers(fused, loras, {"id": 0.85, "base": 0.25}, fuse=True)
+    fuse_s = time.perf_counter() - start
+    plain = copy.deepcopy(fused)
+    plain.unload_lora()  # keeps the fused weights, drops the PEFT wrappers
+
+    def runtime(**kw):
+        with functional_lora(unet, [loras["id"], loras["base"]], [0.85, 0.25]):
+            return unet(**kw)
+
+    variants = {"base": unet, "runtime (hooks)": runtime, "adapters (PEFT)": adapters,
+                "fused, adapters kept": fused, "fused + unloaded": plain}  # fmt: skip
+    for fn in variants.values():  # warm-up
+        _time(fn, inputs)
+    ratios = {k: [] for k in variants}
+    base_times = []
+    for _ in range(repeats):
+        base = _time(unet, inputs)
+        base_times.append(base)
+        for key, fn in variants.items():
+            ratios[key].append(_time(fn, inputs) / base)
+    return {
+        "unet": name,
+        "modules": len(targets),
+        "unet_params_M": sum(p.numel() for p in unet.parameters()) / 1e6,
+        "base_ms": 1000 * statistics.median(base_times),
+        "ratios": {k: statistics.median(v) for k, v in ratios.items()},
+        "coefficients_to_lora_ms": 1000 * assemble_s,
+        "lora_to_fused_unet_ms": 1000 * fuse_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--unets", nargs="+", default=["tiny", "mid"])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, batch 2, K=128, rank 8 (+ Base rank 4)")
+    for name in args.unets:
+        r = bench_unet(name, args.repeats)
+        print(f"\n{name} UNet: {r['modules']} modules, {r['unet_params_M']:.1f} M params, base step {r['base_ms']:.1f} ms")
+        for key, ratio in r["ratios"].items():
+            print(f"  {key:<22} {ratio:6.3f} x base")
+        print(f"  coefficients -> LoRA matrices   {r['coefficients_to_lora_ms']:8.1f} ms")
+        print(f"  LoRA -> fused UNet (diffusers)  {r['lora_to_fused_unet_ms']:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Run the numbered notebooks headless with papermill: `python -m hyperlora.notebooks --out runs/demo`.
+
+Every notebook has a `parameters` cell with `smoke` (tiny sizes for CI) and `out_dir` (where it
+writes figures and results); this runner injects both and keeps each executed notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def notebook_paths(only: list[str] | None = None) -> list[Path]:
+    paths = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        paths = [p for p in paths if any(p.name.startswith(o) or p.stem == o for o in only)]
+        if not paths:
+            raise ValueError(f"no notebook in {NOTEBOOK_DIR} matches {only}")
+    return paths
+
+
+def run_notebook(path: Path, out: Path, *, smoke: bool, parameters: dict | None = None) -> Path:
+    """Execute one notebook into `out/<stem>/`, returning the executed copy's path."""
+    import papermill
+
+    folder = (out / path.stem).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    executed = folder / path.name
+    papermill.execute_notebook(
+        str(path), str(executed), cwd=str(path.parent), progress_bar=False, kernel_name="python3",
+        parameters={"smoke": smoke, "out_dir": str(folder), **(parameters or {})},
+    )  # fmt: skip
+    return executed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hyperlora.notebooks", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("runs/notebooks"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, as in CI")
+    parser.add_argument("--only", nargs="*", help="notebook numbers or names, e.g. 02")
+    args = parser.parse_args(argv)
+    for path in notebook_paths(args.only):
+        print(f"[notebooks] running {path.name} (smoke={args.smoke})", flush=True)
+        executed = run_notebook(path, args.out, smoke=args.smoke)
+        print(f"[notebooks] wrote {executed.parent}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
