@@ -1,0 +1,79 @@
+"""Toy portraits as torch data: a map-style Dataset over the renderer, and an in-memory array form.
+
+Item i of `ToyPortraits(identities, n_per_identity, seed)` is `render_sample(identities[i // n],
+i % n, seed)`: deterministic, so every trainer and evaluation sees the same images for the same
+arguments, and any item can be rebuilt on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .render import Render, render_sample, visible_attributes
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float [3, H, W] in [-1, 1] (the VAE's and UNet's convention)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float [..., 3, H, W] in [-1, 1] -> uint8 [..., H, W, 3]."""
+    array = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return array.movedim(-3, -1).cpu().numpy()
+
+
+class ToyPortraits(Dataset):
+    """Rendered portraits with their ground truth; `identities` is a range from `split_identities`."""
+
+    def __init__(self, identities: Sequence[int], n_per_identity: int, seed: int, size: int = 64, identity_prob: float = 0.3):
+        if n_per_identity < 1 or len(identities) < 1:
+            raise ValueError("ToyPortraits needs at least one identity and one image per identity")
+        self.identities = identities
+        self.n_per_identity = n_per_identity
+        self.seed = seed
+        self.size = size
+        self.identity_prob = identity_prob
+
+    def __len__(self) -> int:
+        return len(self.identities) * self.n_per_identity
+
+    def render(self, index: int) -> Render:
+        identity = self.identities[index // self.n_per_identity]
+        return render_sample(identity, index % self.n_per_identity, self.seed, self.size, self.identity_prob)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        r = self.render(index)
+        return {
+            "pixel_values": to_tensor(r.image),
+            "caption": r.caption,
+            "identity": r.identity,
+            "box": torch.tensor(r.box, dtype=torch.float32),
+            "keypoints": torch.from_numpy(r.keypoints),
+            "mask": torch.from_numpy(r.mask),
+            "attributes": visible_attributes(r.look),
+        }
+
+
+def render_arrays(dataset: ToyPortraits, progress: bool = True) -> dict:
+    """Render a whole dataset into memory: images uint8 [N, H, W, 3] plus per-image ground truth."""
+    n = len(dataset)
+    images = np.empty((n, dataset.size, dataset.size, 3), dtype=np.uint8)
+    boxes = np.empty((n, 4), dtype=np.float32)
+    keypoints = np.empty((n, 5, 2), dtype=np.float32)
+    identities = np.empty(n, dtype=np.int64)
+    captions, attributes = [], []
+    for i in tqdm(range(n), desc="rendering", disable=not progress, mininterval=2):
+        r = dataset.render(i)
+        images[i], boxes[i], keypoints[i], identities[i] = r.image, r.box, r.keypoints, r.identity
+        captions.append(r.caption)
+        attributes.append(visible_attributes(r.look))
+    return {"images": images, "boxes": boxes, "keypoints": keypoints, "identities": identities,
+            "captions": captions, "attributes": attributes}  # fmt: skip
