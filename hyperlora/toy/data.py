@@ -14,7 +14,13 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .render import Render, render_sample, visible_attributes
+from .render import LOOK_ATTRIBUTES, Render, render_sample, visible_attributes
+
+
+def attributes_of(render: Render) -> dict[str, str]:
+    """Every look attribute, "" where it is not visible (hair colour when bald, glasses colour without glasses)."""
+    visible = visible_attributes(render.look)
+    return {key: visible.get(key, "") for key in LOOK_ATTRIBUTES}
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -58,7 +64,7 @@ class ToyPortraits(Dataset):
             "box": torch.tensor(r.box, dtype=torch.float32),
             "keypoints": torch.from_numpy(r.keypoints),
             "mask": torch.from_numpy(r.mask),
-            "attributes": visible_attributes(r.look),
+            "attributes": attributes_of(r),
         }
 
 
@@ -74,6 +80,6 @@ def render_arrays(dataset: ToyPortraits, progress: bool = True) -> dict:
         r = dataset.render(i)
         images[i], boxes[i], keypoints[i], identities[i] = r.image, r.box, r.keypoints, r.identity
         captions.append(r.caption)
-        attributes.append(visible_attributes(r.look))
+        attributes.append(attributes_of(r))
     return {"images": images, "boxes": boxes, "keypoints": keypoints, "identities": identities,
             "captions": captions, "attributes": attributes}  # fmt: skip
