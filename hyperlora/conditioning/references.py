@@ -1,0 +1,110 @@
+"""Reference photos -> the hypernetwork's inputs, one photo at a time, failures reported per photo.
+
+For each photo (release §2.3-2.4): load it robustly, choose the face, cut the masked CLIP crop,
+embed the 3x ArcFace crop, and for the Base branch blur the face out. Unlike the release, which
+skips failed images with a print, every failure is returned with its reason, and at least one
+photo must succeed. The coefficients of several photos are averaged inside the resampler.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .clip_features import ClipImageEncoder
+from .crops import base_image
+from .faces import DEFAULT_MIN_FACE_SIZE, FaceAnalyzer, Pick, id_condition
+from .images import ConditioningError, ImageSource, describe, load_image
+
+log = logging.getLogger(__name__)
+
+
+class NoUsableReferenceError(ConditioningError, ValueError):
+    """Every reference photo failed; the message lists each photo and why."""
+
+
+@dataclass
+class ReferenceFeatures:
+    """What `HyperLoRA.generate` takes for one identity, from the photos that succeeded."""
+
+    arcface: torch.Tensor  # [N, id_embed_dim] L2-normalised identity embeddings
+    clip: torch.Tensor  # [N, tokens, hidden] CLIP hidden_states[-2] of the masked face crops
+    clip_blurred: torch.Tensor | None  # [N, tokens, hidden] of the face-blurred images (Base branch)
+    sources: list[str]  # the photos used, in order
+    failures: dict[str, str] = field(default_factory=dict)  # photo -> reason it was skipped
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_refs(self) -> int:
+        return len(self.sources)
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `HyperLoRA.generate`."""
+        return {"arcface": self.arcface, "clip": self.clip, "clip_blurred": self.clip_blurred, "num_refs": self.num_refs}
+
+
+def _name(source: ImageSource, index: int) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return f"image {index} ({describe(source)})"
+
+
+class Conditioner:
+    """Face analysis + CLIP: photos -> `ReferenceFeatures`, in either world."""
+
+    def __init__(
+        self,
+        analyzer: FaceAnalyzer,
+        clip: ClipImageEncoder,
+        *,
+        with_base: bool = False,
+        pick: Pick = "largest",
+        min_face_size: float = DEFAULT_MIN_FACE_SIZE,
+        grayscale: bool = False,
+        remove_background: bool = True,
+    ):
+        self.analyzer, self.clip, self.with_base = analyzer, clip, with_base
+        self.options = dict(pick=pick, min_face_size=min_face_size, grayscale=grayscale, remove_background=remove_background)
+
+    def prepare(self, source: ImageSource, name: str) -> tuple[Image.Image, np.ndarray, Image.Image | None, list[str]]:
+        """One photo -> (CLIP crop, identity embedding, Base image or None, warnings); raises ConditioningError."""
+        image = load_image(source)
+        condition = id_condition(self.analyzer, image, name=name, **self.options)
+        base = base_image(image, condition.face) if self.with_base else None
+        return condition.clip_image, condition.embedding, base, condition.warnings
+
+    def __call__(self, sources: list[ImageSource] | ImageSource) -> ReferenceFeatures:
+        if not isinstance(sources, (list, tuple)):
+            sources = [sources]
+        if not sources:
+            raise NoUsableReferenceError("no reference photos given")
+        crops, embeddings, bases, used, failures, warnings = [], [], [], [], {}, []
+        for index, source in enumerate(sources):
+            name = _name(source, index)
+            try:
+                crop, embedding, base, notes = self.prepare(source, name)
+            except ConditioningError as err:
+                failures[name] = str(err)
+                log.warning("skipping reference %s: %s", name, err)
+                continue
+            crops.append(crop)
+            embeddings.append(embedding)
+            bases.append(base)
+            used.append(name)
+            warnings.extend(notes)
+        if not used:
+            reasons = "\n".join(f"  {name}: {reason}" for name, reason in failures.items())
+            raise NoUsableReferenceError(f"none of the {len(sources)} reference photos could be used:\n{reasons}")
+        return ReferenceFeatures(
+            arcface=torch.from_numpy(np.stack(embeddings)).float(),
+            clip=self.clip(crops),
+            clip_blurred=self.clip(bases) if self.with_base else None,
+            sources=used,
+            failures=failures,
+            warnings=warnings,
+        )
