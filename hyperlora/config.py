@@ -34,6 +34,7 @@ class HyperLoRAConfig:
     encoder_types: tuple[str, ...] = ("clip", "arcface")  # ID-branch conditions; arcface is `x`
     has_base_lora: bool = False  # the released checkpoints have no Base-LoRA
     init_std: float = 1.0  # down-basis init: init_std / sqrt(in_features); up bases start at zero
+    trigger_words: str = "fcsks fxhks fhyks"  # rare tokens the ID-LoRA is tied to; prompts start with them
 
     def __post_init__(self):
         self.encoder_types = tuple(self.encoder_types)

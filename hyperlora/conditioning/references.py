@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cache import image_hash
 from .clip_features import ClipImageEncoder
 from .crops import base_image
 from .faces import DEFAULT_MIN_FACE_SIZE, FaceAnalyzer, Pick, id_condition
@@ -36,6 +37,7 @@ class ReferenceFeatures:
     clip: torch.Tensor  # [N, tokens, hidden] CLIP hidden_states[-2] of the masked face crops
     clip_blurred: torch.Tensor | None  # [N, tokens, hidden] of the face-blurred images (Base branch)
     sources: list[str]  # the photos used, in order
+    hashes: list[str]  # sha256 of each used photo's pixels (see cache.image_hash)
     failures: dict[str, str] = field(default_factory=dict)  # photo -> reason it was skipped
     warnings: list[str] = field(default_factory=list)
 
@@ -71,23 +73,23 @@ class Conditioner:
         self.analyzer, self.clip, self.with_base = analyzer, clip, with_base
         self.options = dict(pick=pick, min_face_size=min_face_size, grayscale=grayscale, remove_background=remove_background)
 
-    def prepare(self, source: ImageSource, name: str) -> tuple[Image.Image, np.ndarray, Image.Image | None, list[str]]:
-        """One photo -> (CLIP crop, identity embedding, Base image or None, warnings); raises ConditioningError."""
+    def prepare(self, source: ImageSource, name: str) -> tuple[Image.Image, np.ndarray, Image.Image | None, list[str], str]:
+        """One photo -> (CLIP crop, identity embedding, Base image or None, warnings, pixel hash)."""
         image = load_image(source)
         condition = id_condition(self.analyzer, image, name=name, **self.options)
         base = base_image(image, condition.face) if self.with_base else None
-        return condition.clip_image, condition.embedding, base, condition.warnings
+        return condition.clip_image, condition.embedding, base, condition.warnings, image_hash(image)
 
     def __call__(self, sources: list[ImageSource] | ImageSource) -> ReferenceFeatures:
         if not isinstance(sources, (list, tuple)):
             sources = [sources]
         if not sources:
             raise NoUsableReferenceError("no reference photos given")
-        crops, embeddings, bases, used, failures, warnings = [], [], [], [], {}, []
+        crops, embeddings, bases, used, hashes, failures, warnings = [], [], [], [], [], {}, []
         for index, source in enumerate(sources):
             name = _name(source, index)
             try:
-                crop, embedding, base, notes = self.prepare(source, name)
+                crop, embedding, base, notes, digest = self.prepare(source, name)
             except ConditioningError as err:
                 failures[name] = str(err)
                 log.warning("skipping reference %s: %s", name, err)
@@ -96,6 +98,7 @@ class Conditioner:
             embeddings.append(embedding)
             bases.append(base)
             used.append(name)
+            hashes.append(digest)
             warnings.extend(notes)
         if not used:
             reasons = "\n".join(f"  {name}: {reason}" for name, reason in failures.items())
@@ -105,6 +108,7 @@ class Conditioner:
             clip=self.clip(crops),
             clip_blurred=self.clip(bases) if self.with_base else None,
             sources=used,
+            hashes=hashes,
             failures=failures,
             warnings=warnings,
         )
