@@ -7,6 +7,10 @@ guidance) for: the base UNet; the runtime LoRA (`functional_lora` hooks); diffus
 (PEFT, unfused); diffusers `fuse_lora` with the adapters kept (unfuse-able); and fused then
 `unload_lora_weights` (plain weights). Variants are timed in interleaved rounds and reported as
 the median ratio to the base time of the same round. Targets: fused <= 1.01 x, runtime <= 1.15 x.
+
+It also counts FLOPs (torch's FlopCounterMode; the SDXL UNet on the meta device at 1024 px, CFG
+batch 2, 77 text tokens): the share a rank-8 ID + rank-4 Base runtime LoRA adds to a UNet step,
+which bounds what the runtime path can cost on hardware where FLOPs dominate.
 """
 
 from __future__ import annotations
@@ -21,7 +25,45 @@ import torch
 from hyperlora import HyperLoRA, find_targets, functional_lora, load_into_diffusers, preset
 from hyperlora.config import TOKENS_PER_MODULE
 from hyperlora.resampler import normalize_coefficients
+from hyperlora.targets import LAYER_KEYS
 from hyperlora.worlds.sdxl import build_unet, unet_inputs
+
+
+def lora_flop_share(name: str, rank_total: int = 12) -> tuple[float, float]:
+    """(UNet TFLOPs per step, extra FLOPs of a runtime LoRA as a share of them), counted on meta."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = build_unet(name, device="meta")
+    size, time_dim = unet.config.sample_size, unet.config.addition_time_embed_dim
+    inputs = dict(
+        sample=torch.empty(2, 4, size, size, device="meta"),
+        timestep=torch.tensor(500),
+        encoder_hidden_states=torch.empty(2, 77, unet.config.cross_attention_dim, device="meta"),
+        added_cond_kwargs=dict(
+            text_embeds=torch.empty(2, unet.config.projection_class_embeddings_input_dim - 6 * time_dim, device="meta"),
+            time_ids=torch.empty(2, 6, device="meta"),
+        ),
+    )
+    modules, tokens = dict(unet.named_modules()), {}
+    targets = find_targets(unet)
+    for target in targets:
+        for key in LAYER_KEYS:
+            path = target.linear_path(key)
+            modules[path].register_forward_hook(lambda m, i, o, p=path: tokens.__setitem__(p, i[0].shape[:-1].numel()))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(**inputs)
+    total = counter.get_total_flops()
+    lora = sum(2 * tokens[t.linear_path(k)] * rank_total * (t.in_features(k) + t.out_features(k)) for t in targets for k in LAYER_KEYS)
+    return total / 1e12, lora / total
+
+
+def _median_ms(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def _time(fn, inputs) -> float:
@@ -39,17 +81,16 @@ def bench_unet(name: str, repeats: int) -> dict:
     coefficients = normalize_coefficients(torch.randn(1, TOKENS_PER_MODULE * len(targets), config.hyper_dim))
     inputs = unet_inputs(unet, batch=2)
 
-    start = time.perf_counter()
-    with torch.no_grad():
-        loras = {"id": model.assemble(coefficients, "id"), "base": model.assemble(coefficients, "base")}
-    assemble_s = time.perf_counter() - start
+    def assemble():
+        with torch.no_grad():
+            return {"id": model.assemble(coefficients, "id"), "base": model.assemble(coefficients, "base")}
 
+    loras = assemble()
+    assemble_ms = _median_ms(assemble)
     adapters = copy.deepcopy(unet)
     load_into_diffusers(adapters, loras, {"id": 0.85, "base": 0.25})
     fused = copy.deepcopy(unet)
-    start = time.perf_counter()
-    load_into_diffusers(fused, loras, {"id": 0.85, "base": 0.25}, fuse=True)
-    fuse_s = time.perf_counter() - start
+    fuse_ms = _median_ms(lambda: (fused.unfuse_lora(), load_into_diffusers(fused, loras, {"id": 0.85, "base": 0.25}, fuse=True)))
     plain = copy.deepcopy(fused)
     plain.unload_lora()  # keeps the fused weights, drops the PEFT wrappers
 
@@ -74,8 +115,8 @@ def bench_unet(name: str, repeats: int) -> dict:
         "unet_params_M": sum(p.numel() for p in unet.parameters()) / 1e6,
         "base_ms": 1000 * statistics.median(base_times),
         "ratios": {k: statistics.median(v) for k, v in ratios.items()},
-        "coefficients_to_lora_ms": 1000 * assemble_s,
-        "lora_to_fused_unet_ms": 1000 * fuse_s,
+        "coefficients_to_lora_ms": assemble_ms,
+        "lora_to_fused_unet_ms": fuse_ms,
     }
 
 
@@ -95,6 +136,10 @@ def main() -> None:
             print(f"  {key:<22} {ratio:6.3f} x base")
         print(f"  coefficients -> LoRA matrices   {r['coefficients_to_lora_ms']:8.1f} ms")
         print(f"  LoRA -> fused UNet (diffusers)  {r['lora_to_fused_unet_ms']:8.1f} ms")
+    print("\nFLOPs of one UNet step (batch 2, 77 text tokens) and the share a runtime LoRA (rank 8 + 4) adds:")
+    for name in ["tiny", "mid", "sdxl"]:
+        tflops, share = lora_flop_share(name)
+        print(f"  {name:<5} {tflops:10.4f} TFLOPs   runtime LoRA +{share:.2%}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
+from hyperlora.conditioning.backends import face_backend
 from hyperlora.conditioning import (
     FACE_BACKENDS,
     DlibAnalyzer,
@@ -101,8 +102,9 @@ def test_arcface_embedding_uses_the_face_found_again_not_a_higher_scoring_neighb
 
 
 def test_registry_names_the_backends():
-    assert {"antelopev2", "dlib"} <= set(FACE_BACKENDS)
-    with pytest.raises(ValueError, match="unknown face backend 'nope'; known: antelopev2, dlib"):
+    assert {"antelopev2", "dlib", "toy"} <= set(FACE_BACKENDS)
+    assert all(issubclass(face_backend(name), FaceAnalyzer) for name in FACE_BACKENDS)
+    with pytest.raises(ValueError, match="unknown face backend 'nope'; known: antelopev2, dlib, toy"):
         make_face_analyzer("nope")
 
 
