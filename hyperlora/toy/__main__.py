@@ -1,0 +1,38 @@
+"""Command line of the toy world: `python -m hyperlora.toy build` retrains every toy model; `info` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .build import SELECTABLE, build, info
+from .pipeline import DEFAULT_TOY_DIR
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hyperlora.toy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p_build = commands.add_parser("build", help="retrain the toy models from scratch and assemble the toy SDXL")
+    p_build.add_argument("--out", default=str(DEFAULT_TOY_DIR), help="output folder (default: data/toy in the repo)")
+    p_build.add_argument("--smoke", action="store_true", help="every trainer's smoke preset: plumbing only, seconds")
+    p_build.add_argument("--only", nargs="+", choices=SELECTABLE, help="run only these steps (in build order)")
+    p_build.add_argument("--standins", action="store_true", help="random stand-ins for a missing CLIP or VAE")
+    p_info = commands.add_parser("info", help="what is present under the toy folder, with sizes")
+    p_info.add_argument("--out", default=str(DEFAULT_TOY_DIR))
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        for row in info(args.out):
+            state = f"{row['mb']:8.1f} MB" if row["present"] else "  missing"
+            verdict = {True: "gates passed", False: "gates FAILED", None: "no gates"}
+            card = verdict[row.get("passed")] if row["card"] else "no card"
+            print(f"{row['folder']:<16} {state}  {card}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    outcomes = build(args.out, smoke=args.smoke, only=args.only, standins=args.standins)
+    print("\n".join(f"{name:<11} {outcome}" for name, outcome in outcomes.items()))
+    return 1 if any(o.startswith("FAILED") for o in outcomes.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""`python -m hyperlora.toy build`: retrain every toy model from scratch, in dependency order, and ship the toy SDXL.
+
+Order: CLIP -> faces (detector + recogniser) -> VAE -> UNet (it needs CLIP's text tower and the
+VAE) -> the StableDiffusionXLPipeline folder, evaluated with the others as judges, and carded. Each step is one call
+`train_x(Config(), out/folder)` into its trainer (`Config.smoke()` with `--smoke`); trainers are
+imported only when their step runs, so a trainer that is not written yet fails its own step with
+a message saying so, and the steps that do not need it still run. Everything is logged to
+`<out>/build.log`.
+
+    <out>/clip/  faces/  vae/  unet/  sdxl/  build.log
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .pipeline import DEFAULT_TOY_DIR
+
+logger = logging.getLogger(__name__)
+
+BUILD_LOG = "build.log"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One trainer of the build: `module.trainer(module.config(), out / folder, **needed paths) -> Path`."""
+
+    name: str
+    module: str  # imported when the step runs
+    trainer: str
+    config: str  # dataclass with a `smoke()` preset
+    folder: str  # output folder under the build's out dir (wiped before training: from scratch)
+    needs: tuple[str, ...] = ()  # steps whose folders this one reads, passed as `<name>_path=`
+
+
+STEPS = (
+    Step("clip", "hyperlora.toy.clip", "train_clip", "CLIPTrainConfig", "clip"),
+    Step("faces", "hyperlora.toy.faces", "build_faces", "FaceTrainConfig", "faces"),  # detector + recogniser + card
+    Step("vae", "hyperlora.toy.vae", "train_vae", "VAETrainConfig", "vae"),
+    Step("unet", "hyperlora.toy.unet", "train_unet", "UNetTrainConfig", "unet", needs=("clip", "vae")),
+)
+PIPELINE_FOLDER = "sdxl"  # the assembled StableDiffusionXLPipeline, after every trainer
+ALIASES = {"unet": ("unet", "sdxl")}  # --only unet also re-assembles the pipeline that wraps it
+SELECTABLE = ("clip", "faces", "vae", "unet", "sdxl")
+STANDIN_OK = ("clip", "vae")  # needs that `standins=True` may replace with random stand-ins
+
+
+class StepUnavailable(RuntimeError):
+    """A step that cannot run yet: its trainer is not written, or a model it needs is missing."""
+
+
+def selected_steps(only: list[str] | None) -> list[str]:
+    """Step names to run, in build order ("sdxl" last); None: all of them."""
+    order = [step.name for step in STEPS] + ["sdxl"]
+    if not only:
+        return order
+    unknown = set(only) - set(SELECTABLE)
+    if unknown:
+        raise ValueError(f"unknown build steps {sorted(unknown)}; known: {list(SELECTABLE)}")
+    wanted = {name for item in only for name in ALIASES.get(item, (item,))}
+    return [name for name in order if name in wanted]
+
+
+def _trainer(step: Step):
+    try:
+        module = importlib.import_module(step.module)
+    except ModuleNotFoundError as err:
+        if err.name != step.module:
+            raise  # the module exists but something it imports is missing: a real error
+        raise StepUnavailable(f"step {step.name}: {step.module} is not written yet") from err
+    trainer, config = getattr(module, step.trainer, None), getattr(module, step.config, None)
+    if trainer is None or config is None:
+        raise StepUnavailable(f"step {step.name}: {step.module} has no {step.trainer}({step.config}, out_dir) yet")
+    return trainer, config
+
+
+def _needed_paths(step: Step, out: Path, standins: bool) -> dict:
+    folders = {s.name: s.folder for s in STEPS}
+    paths = {}
+    for need in step.needs:
+        folder = out / folders[need]
+        if folder.is_dir():
+            paths[f"{need}_path"] = folder
+        elif standins and need in STANDIN_OK:
+            logger.warning("step %s: %s missing, using a random stand-in (plumbing only)", step.name, folder)
+            paths[f"{need}_path"] = None
+        else:
+            raise StepUnavailable(f"step {step.name} needs {folder}: build it first (--only {need}) or pass --standins")
+    return paths
+
+
+def run_step(step: Step, out: Path, *, smoke: bool, standins: bool = False) -> Path:
+    """Train one model from scratch into out / step.folder."""
+    trainer, config_class = _trainer(step)
+    paths = _needed_paths(step, out, standins)
+    config = config_class.smoke() if smoke else config_class()
+    folder = out / step.folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    logger.info("step %s: %s(%s) -> %s", step.name, step.trainer, config, folder)
+    return trainer(config, folder, **paths)
+
+
+def ship_pipeline(out: Path, *, smoke: bool, standins: bool = False) -> Path:
+    """Assemble <out>/sdxl from the trained parts, evaluate it with whichever judges exist, write its card."""
+    from .cards import read_model_card, write_model_card
+    from .pipeline import assemble_pipeline, clip_judge, evaluate_base_model, face_judges
+
+    unet = out / "unet"
+    if not unet.is_dir():
+        raise StepUnavailable(f"step sdxl needs {unet}: build it first (--only unet)")
+    parts = {name: out / name for name in ("clip", "vae")}
+    for name, path in parts.items():
+        if not path.is_dir():
+            if not standins:
+                raise StepUnavailable(f"step sdxl needs {path}: build it first (--only {name}) or pass --standins")
+            parts[name] = None
+    folder = out / PIPELINE_FOLDER
+    if folder.exists():
+        shutil.rmtree(folder)
+    assemble_pipeline(unet, folder, clip_path=parts["clip"], vae_path=parts["vae"])
+    detector, embedder = face_judges(out / "faces") if (out / "faces" / "recognizer.onnx").is_file() else (None, None)
+    judges = {"judge": clip_judge(parts["clip"]) if parts["clip"] else None, "detector": detector, "embedder": embedder}
+    sizes = dict(num_prompts=2, per_prompt=2, steps=2) if smoke else {}
+    start = time.perf_counter()
+    figures = evaluate_base_model(folder, **judges, **sizes)
+    logger.info("toy SDXL evaluation: %s", figures)
+    gates = figures.pop("gates")
+    unet_card = read_model_card(unet)
+    figures["eval_seconds"] = time.perf_counter() - start
+    figures["folder_mb"], figures["unet_mb"] = folder_size(folder) / 1e6, folder_size(folder / "unet") / 1e6
+    config = {"evaluation": sizes or "defaults", "unet": unet_card["config"]}
+    write_model_card(folder, name="toy SDXL base model", config=config, train_seconds=unet_card["train_seconds"],
+                     figures=figures, gates=gates,
+                     summary="The toy world's StableDiffusionXLPipeline: toy CLIP text tower as both text encoders, "
+                     "toy VAE (f = 4), toy UNet, DPM++ 2M Karras. Load it with "
+                     "StableDiffusionXLPipeline.from_pretrained(this folder).",
+                     extra={"sources": {k: str(v) if v else "random stand-in" for k, v in parts.items()}})  # fmt: skip
+    return folder
+
+
+def build(out: str | Path = DEFAULT_TOY_DIR, *, smoke: bool = False, only: list[str] | None = None,
+          standins: bool = False) -> dict[str, str]:  # fmt: skip
+    """Run the selected steps in order; a failed step fails its dependants only. Returns {step: outcome}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / BUILD_LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package_logger = logging.getLogger("hyperlora")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(min(package_logger.getEffectiveLevel(), logging.INFO))
+    steps = {step.name: step for step in STEPS}
+    outcomes: dict[str, str] = {}
+    try:
+        logger.info("build into %s: steps %s%s", out, selected_steps(only), " (smoke)" if smoke else "")
+        for name in selected_steps(only):
+            start = time.perf_counter()
+            try:
+                if name == "sdxl":
+                    ship_pipeline(out, smoke=smoke, standins=standins)
+                else:
+                    run_step(steps[name], out, smoke=smoke, standins=standins)
+                outcomes[name] = f"done in {time.perf_counter() - start:.0f} s"
+            except StepUnavailable as err:
+                outcomes[name] = f"FAILED: {err}"
+            except Exception as err:  # one broken trainer must not hide the others' results
+                logger.exception("step %s raised", name)
+                outcomes[name] = f"FAILED: {type(err).__name__}: {err}"
+            logger.info("step %s: %s", name, outcomes[name])
+    finally:
+        package_logger.removeHandler(handler)
+        handler.close()
+    return outcomes
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def info(out: str | Path = DEFAULT_TOY_DIR) -> list[dict]:
+    """What is under the toy folder: each expected model folder, its size, and its card's verdict."""
+    out = Path(out)
+    rows = []
+    for folder in [step.folder for step in STEPS] + [PIPELINE_FOLDER]:
+        path = out / folder
+        row = {"folder": folder, "present": path.is_dir(), "mb": folder_size(path) / 1e6 if path.is_dir() else 0.0}
+        card = path / "model_card.json"
+        if card.is_file():
+            values = json.loads(card.read_text())
+            row.update(card=True, passed=values.get("passed"), created=values.get("created_utc"))
+        else:
+            row["card"] = False
+        rows.append(row)
+    return rows

@@ -1,0 +1,371 @@
+"""The toy CLIP: a small transformers `CLIPModel` trained contrastively on toy renders and captions.
+
+It plays two parts in the toy world, as CLIP does in the real one: its text tower is both SDXL
+text encoders of the toy base model (`CLIPTextModel` / `CLIPTextModelWithProjection`), and its
+vision tower's `hidden_states[-2]` are the hypernetwork's CLIP image features
+(`CLIPVisionModelWithProjection`). The folder written by `train_clip` holds the weights
+(safetensors), the real CLIP BPE tokenizer and a `CLIPImageProcessor` for 64 px images, so every
+standard loader reads it offline. Weights are stored in float16 (the vocabulary's 49,408
+embeddings dominate the size): load with `dtype=torch.float32` to run on a CPU.
+
+Gate (`evaluate_clip`): zero-shot classification of every look attribute on held-out ('test')
+identities, >= 95 % averaged over attributes, with CLIP-style prompt ensembles in caption words.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTokenizer,
+                          CLIPVisionConfig, get_cosine_schedule_with_warmup)  # fmt: skip
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from ..tokenizer import clip_tokenizer
+from .cards import write_model_card
+from .data import ToyPortraits, render_arrays
+from .identity import BACKGROUND_PHRASES, EXPRESSION_PHRASES, HAIR_PHRASES, LOOK_ATTRIBUTES
+from .render import split_identities
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT_GATE = 0.95  # mean zero-shot attribute accuracy the toy CLIP must reach on 'test'
+EVAL_SEED = 20250  # data seed of the evaluation renders: identical images run to run
+BOS, EOS = 49406, 49407  # <|startoftext|>, <|endoftext|> in the CLIP BPE vocabulary
+
+
+@dataclass
+class CLIPTrainConfig:
+    """Architecture, data and optimisation of the toy CLIP; saved in its model card."""
+
+    # architecture
+    image_size: int = 64  # renders are 64 x 64; the image processor resizes/crops to this
+    patch_size: int = 8  # 8 x 8 patches: 64 image tokens + CLS
+    vision_hidden: int = 192  # vision width = the hypernetwork's CLIP feature size
+    vision_layers: int = 4  # hidden_states[-2] (the features) is the output of layer 3
+    vision_heads: int = 3  # 64 dims per head
+    text_hidden: int = 128  # text width = each toy SDXL text encoder's width; 49,408 x 128 embeddings
+    text_layers: int = 4
+    text_heads: int = 4
+    projection_dim: int = 128  # shared embedding space (also text_embeds of the 2nd SDXL encoder)
+    mlp_ratio: int = 4  # intermediate size = mlp_ratio x hidden
+    # data
+    num_train: int = 2000  # training identities 0..num_train-1 (never a held-out one)
+    images_per_identity: int = 4  # renders per identity, pre-rendered into memory once
+    data_seed: int = 0  # seed of the training renders
+    # optimisation
+    steps: int = 3000  # AdamW steps
+    batch_size: int = 128  # contrastive batch: more negatives per step, but slower steps
+    lr: float = 1e-3  # peak learning rate after warmup, cosine decay to 0
+    weight_decay: float = 0.1  # on matrices only (not on norms, biases, embeddings, temperature)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # max gradient norm
+    hard_batches: float = 0.5  # share of batches whose images share 1..hard_fixed look attributes (see HardBatches)
+    hard_fixed: int = 2  # most attributes held fixed in a hard batch
+    init_logit_scale: float = math.log(1 / 0.07)  # learnable temperature, CLIP's initial value
+    max_logit_scale: float = 100.0  # clamp on exp(logit_scale) after every step, as in CLIP
+    seed: int = 0  # model initialisation and batch order
+    threads: int = 1  # torch CPU threads; on the shared 2-core box 2 threads ran ~9x slower than 1
+    # evaluation and saving
+    eval_identities: int | None = None  # 'test' identities evaluated for the gate (None: all 200)
+    eval_per_identity: int = 2  # renders per 'test' identity for the gate
+    save_dtype: str = "float16"  # dtype of the shipped weights (keeps the folder under ~20 MB)
+    log_every: int = 50  # steps between log lines
+    eval_every: int = 0  # steps between zero-shot checks on 'val' renders, kept in the card (0: none)
+    val_identities: int = 100  # 'val' identities (one render each) for those checks
+
+    @classmethod
+    def smoke(cls, **overrides) -> "CLIPTrainConfig":
+        """Tiny sizes and a handful of steps: checks the plumbing in seconds, learns nothing."""
+        values = dict(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2,
+                      text_heads=2, projection_dim=16, num_train=8, images_per_identity=2, steps=3,
+                      batch_size=8, warmup_steps=1, eval_identities=8, eval_per_identity=1, log_every=1)  # fmt: skip
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CLIPTrainConfig":
+        """The config of a model card (`read_model_card(folder)["config"]`); unknown keys raise."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown CLIPTrainConfig keys {sorted(unknown)}")
+        return cls(**values)
+
+
+def build_clip(config: CLIPTrainConfig) -> CLIPModel:
+    """A randomly initialised CLIPModel of the configured size (seeded by `config.seed`)."""
+    text = CLIPTextConfig(
+        vocab_size=49408, hidden_size=config.text_hidden, intermediate_size=config.mlp_ratio * config.text_hidden,
+        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads, max_position_embeddings=77,
+        projection_dim=config.projection_dim, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS, hidden_act="gelu",
+    )  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_hidden, intermediate_size=config.mlp_ratio * config.vision_hidden,
+        num_hidden_layers=config.vision_layers, num_attention_heads=config.vision_heads, image_size=config.image_size,
+        patch_size=config.patch_size, projection_dim=config.projection_dim, hidden_act="gelu",
+    )  # fmt: skip
+    clip_config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                             projection_dim=config.projection_dim, logit_scale_init_value=config.init_logit_scale)
+    torch.manual_seed(config.seed)
+    return CLIPModel(clip_config)
+
+
+def image_processor(image_size: int) -> CLIPImageProcessor:
+    """CLIP preprocessing for the toy size: shortest edge -> image_size, centre crop, CLIP mean/std."""
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                              image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)  # fmt: skip
+
+
+def pixel_values(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] renders at the model's size -> normalised [N, 3, H, W]: what the
+    image processor computes for them, without PIL round trips (checked in the tests)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def save_clip(model: CLIPModel, folder: str | Path, image_size: int, dtype: str = "float16") -> Path:
+    """Weights (safetensors, `dtype`), tokenizer files and image processor: a self-contained folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(folder, safe_serialization=True)
+    model.to(torch.float32)
+    clip_tokenizer(folder).save_pretrained(folder)
+    # vocab.json + merges.txt rebuild the same tokenizer (the tests compare ids): drop its 3.6 MB cache
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    image_processor(image_size).save_pretrained(folder)
+    return folder
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on 2-d weight matrices only; embeddings, norms, biases and the temperature are free."""
+    decay, free = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim == 2 and "embedding" not in name else free).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": free, "weight_decay": 0.0}]
+
+
+class HardBatches(torch.utils.data.Sampler):
+    """Endless batches of indices. With probability `hard` a batch is built around a random anchor:
+    images sharing its values of 1..`max_fixed` random look attributes (topped up at random), so the
+    contrastive loss cannot separate them by those attributes alone and must learn the others.
+    Uniform batches only teach the most telling attribute (background colour) for a long time."""
+
+    def __init__(self, attributes: list[dict], batch_size: int, *, hard: float, max_fixed: int, seed: int):
+        super().__init__()
+        self.attributes, self.batch_size, self.hard, self.max_fixed = attributes, batch_size, hard, max_fixed
+        self.groups = {name: {} for name in LOOK_ATTRIBUTES}  # attribute -> value -> indices ("" = not visible)
+        for i, values in enumerate(attributes):
+            for name in LOOK_ATTRIBUTES:
+                self.groups[name].setdefault(values[name], []).append(i)
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.attributes) // self.batch_size  # batches per pass over the data; iteration never ends
+
+    def _hard_batch(self) -> np.ndarray:
+        anchor = self.attributes[self.rng.integers(len(self.attributes))]
+        fixed = self.rng.choice(list(LOOK_ATTRIBUTES), self.rng.integers(1, self.max_fixed + 1), replace=False)
+        members = set.intersection(*(set(self.groups[name][anchor[name]]) for name in fixed))
+        chosen = self.rng.permutation(sorted(members))[: self.batch_size]
+        rest = np.setdiff1d(np.arange(len(self.attributes)), chosen)
+        return np.concatenate([chosen, self.rng.choice(rest, self.batch_size - len(chosen), replace=False)])
+
+    def __iter__(self):
+        while True:
+            if self.rng.random() < self.hard:
+                yield self._hard_batch().tolist()
+            else:
+                yield self.rng.choice(len(self.attributes), self.batch_size, replace=False).tolist()
+
+
+def _training_data(config: CLIPTrainConfig, tokenizer: CLIPTokenizer) -> tuple[torch.utils.data.Dataset, list]:
+    data = ToyPortraits(split_identities("train", config.num_train), config.images_per_identity, config.data_seed,
+                        size=config.image_size)  # fmt: skip
+    arrays = render_arrays(data)
+    tokens = tokenizer(arrays["captions"], padding="longest", truncation=True, max_length=77, return_tensors="pt")
+    dataset = torch.utils.data.TensorDataset(pixel_values(arrays["images"]), tokens.input_ids, tokens.attention_mask)
+    return dataset, arrays["attributes"]
+
+
+def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool = True) -> Path:
+    """Train a toy CLIP, save it into `out_dir`, evaluate it there and write its model card."""
+    torch.set_num_threads(config.threads)
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    tokenizer = clip_tokenizer(out_dir)
+    dataset, attributes = _training_data(config, tokenizer)
+    if config.batch_size > len(dataset):
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(dataset)} training renders")
+    sampler = HardBatches(attributes, config.batch_size, hard=config.hard_batches, max_fixed=config.hard_fixed,
+                          seed=config.seed)  # fmt: skip
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
+    model = build_clip(config)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
+    log.info("toy CLIP: %.2f M parameters, %d training renders", sum(p.numel() for p in model.parameters()) / 1e6,
+             len(dataset))  # fmt: skip
+    val = _renders("val", config.val_identities, 1, EVAL_SEED, config.image_size) if config.eval_every else None
+    start, step, batches, curve, checking = time.time(), 0, iter(loader), [], 0.0
+    model.train()
+    with tqdm(total=config.steps, desc="toy CLIP", mininterval=2) as bar:
+        while step < config.steps:
+            images, ids, mask = next(batches)  # HardBatches never runs out
+            width = int(mask.sum(1).max())  # causal text tower: trailing padding changes nothing
+            loss = model(input_ids=ids[:, :width], attention_mask=mask[:, :width], pixel_values=images,
+                         return_loss=True).loss  # fmt: skip
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                accelerator.unwrap_model(model).logit_scale.clamp_(0, math.log(config.max_logit_scale))
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                scale = accelerator.unwrap_model(model).logit_scale.exp().item()
+                bar.set_postfix(loss=f"{loss.item():.3f}", temp=f"{scale:.1f}")
+                log.info("step %d/%d loss %.4f logit scale %.1f", step, config.steps, loss.item(), scale)
+            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                check = time.time()
+                seconds = check - start - checking
+                curve.append(_val_check(accelerator.unwrap_model(model), tokenizer, val, step, seconds))
+                checking += time.time() - check
+    seconds = time.time() - start - checking  # training only: the val checks are not counted
+    save_clip(accelerator.unwrap_model(model), out_dir, config.image_size, config.save_dtype)
+    figures, gates = {"steps": step, **({"val_curve": curve} if curve else {})}, {}
+    if evaluate:
+        figures.update(evaluate_clip(out_dir, n_per_identity=config.eval_per_identity,
+                                     num_identities=config.eval_identities, threads=config.threads))  # fmt: skip
+        gates[f"zero_shot_mean >= {ZERO_SHOT_GATE}"] = figures["zero_shot_mean"] >= ZERO_SHOT_GATE
+    write_model_card(out_dir, name="toy CLIP", config=config, train_seconds=seconds, figures=figures,
+                     gates=gates, summary="A small CLIPModel trained contrastively on toy portraits and their "
+                     "captions: the toy world's text encoders and the hypernetwork's image features.")  # fmt: skip
+    return out_dir
+
+
+def _val_check(model: CLIPModel, tokenizer: CLIPTokenizer, val: dict, step: int, seconds: float) -> dict:
+    """Zero-shot figures on the in-memory 'val' renders during training (model back in train mode after)."""
+    model.eval()
+    figures = clip_figures(model, tokenizer, _embed_pixels(model, pixel_values(val["images"])), val)
+    model.train()
+    log.info("step %d (%.0f s): val zero-shot mean %.3f, i2t R@1 %.3f", step, seconds, figures["zero_shot_mean"],
+             figures["i2t_r1"])  # fmt: skip
+    return {"step": step, "seconds": round(seconds, 1), **figures}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _an(words: str) -> str:
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def attribute_prompts(attribute: str) -> dict[str, list[str]]:
+    """Zero-shot prompts per value of a look attribute, in the captions' words. Each value gets a
+    small ensemble (CLIP's prompt ensembling) over the wordings that captions pair it with, e.g.
+    hair colour "red" -> "a portrait of a person with short red hair", "... with a red bob", ..."""
+    v = LOOK_ATTRIBUTES
+    person = "a portrait of a person"
+
+    def wearing(colour, kind):
+        return f"{person} wearing {_an(f'{colour} {kind}')}"
+
+    prompts = {
+        "background_colour": lambda x: [f"{person} in front of {BACKGROUND_PHRASES[p].format(x)}"
+                                        for p in v["background_pattern"]],
+        "background_pattern": lambda x: [f"{person} in front of {BACKGROUND_PHRASES[x].format(c)}"
+                                         for c in v["background_colour"]],
+        "clothing_colour": lambda x: [wearing(x, kind) for kind in v["clothing_type"]],
+        "clothing_type": lambda x: [wearing(c, x) for c in v["clothing_colour"]],
+        "hairstyle": lambda x: (["a portrait of a bald person"] if x == "bald"
+                                else [f"{person} with {HAIR_PHRASES[x].format(c)}" for c in v["hair_colour"]]),
+        "hair_colour": lambda x: [f"{person} with {HAIR_PHRASES[s].format(x)}" for s in HAIR_PHRASES],
+        "expression": lambda x: [f"{person} {EXPRESSION_PHRASES[x]}"],
+        "glasses": lambda x: [f"{person} wearing " + ("" if x == "none" else f"{x} {g} glasses and ")
+                              + _an(f"{c} t-shirt") for g in v["glasses_colour"] for c in ("blue", "red", "grey")],
+        "glasses_colour": lambda x: [f"{person} wearing {shape} {x} glasses" for shape in ("round", "square")],
+    }  # fmt: skip
+    if attribute not in prompts:
+        raise ValueError(f"no prompts for attribute {attribute!r}; known: {sorted(prompts)}")
+    return {value: prompts[attribute](value) for value in v[attribute]}
+
+
+@torch.no_grad()
+def _embed_texts(model: CLIPModel, tokenizer: CLIPTokenizer, texts: list[str], batch: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch):  # "longest" padding: the causal text tower ignores what trails
+        tokens = tokenizer(texts[i : i + batch], padding="longest", max_length=77, truncation=True, return_tensors="pt")
+        out.append(F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _embed_pixels(model: CLIPModel, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([F.normalize(model.get_image_features(pixel_values=pixels[i : i + batch]).pooler_output, dim=-1)
+                      for i in range(0, len(pixels), batch)])  # fmt: skip
+
+
+@torch.no_grad()
+def attribute_classifiers(model: CLIPModel, tokenizer: CLIPTokenizer) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Zero-shot classifiers: per look attribute, its values and their unit text embeddings [K, D]
+    (the normalised mean over each value's prompt ensemble); classify with (image @ text.T).argmax."""
+    out = {}
+    for attribute in LOOK_ATTRIBUTES:
+        prompts = attribute_prompts(attribute)
+        text = [F.normalize(_embed_texts(model, tokenizer, p).mean(0), dim=-1) for p in prompts.values()]
+        out[attribute] = (list(prompts), torch.stack(text))
+    return out
+
+
+@torch.no_grad()
+def clip_figures(model: CLIPModel, tokenizer: CLIPTokenizer, image_embeds: torch.Tensor, arrays: dict) -> dict:
+    """Zero-shot attribute accuracy and retrieval R@1 from unit image embeddings [N, D] and the
+    renders' ground truth (`render_arrays` output: "attributes", "captions")."""
+    accuracy = {}
+    for attribute, (classes, text) in attribute_classifiers(model, tokenizer).items():
+        truth = [a[attribute] for a in arrays["attributes"]]
+        keep = [i for i, t in enumerate(truth) if t]  # "" = not visible (bald, no glasses)
+        if not keep:
+            continue
+        predicted = (image_embeds[keep] @ text.T).argmax(-1)
+        accuracy[attribute] = float(np.mean([classes[p] == truth[i] for p, i in zip(predicted.tolist(), keep)]))
+    similarity = image_embeds @ _embed_texts(model, tokenizer, arrays["captions"]).T
+    target = torch.arange(len(similarity))
+    return {
+        "zero_shot": accuracy,
+        "zero_shot_mean": float(np.mean(list(accuracy.values()))),
+        "i2t_r1": float((similarity.argmax(1) == target).float().mean()),
+        "t2i_r1": float((similarity.argmax(0) == target).float().mean()),
+        "n_images": len(similarity),
+    }
+
+
+def _renders(split: str, num_identities: int | None, n_per_identity: int, seed: int, size: int) -> dict:
+    identities = split_identities(split)
+    identities = identities[:num_identities] if num_identities else identities
+    return render_arrays(ToyPortraits(identities, n_per_identity, seed, size=size), progress=False)
+
+
+def evaluate_clip(path: str | Path, *, split: str = "test", n_per_identity: int = 2, seed: int = EVAL_SEED,
+                  num_identities: int | None = None, threads: int | None = None) -> dict:
+    """Zero-shot look-attribute accuracy (per attribute and mean) and image<->text retrieval R@1 on
+    held-out renders, with the model, tokenizer and image processor loaded from `path`."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = CLIPModel.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer, processor = CLIPTokenizer.from_pretrained(path), CLIPImageProcessor.from_pretrained(path)
+    arrays = _renders(split, num_identities, n_per_identity, seed, model.config.vision_config.image_size)
+    pixels = processor(images=list(arrays["images"]), return_tensors="pt").pixel_values
+    return {**clip_figures(model, tokenizer, _embed_pixels(model, pixels), arrays), "split": split}

@@ -1,0 +1,303 @@
+"""The toy base model as a complete StableDiffusionXLPipeline folder: components, assembly, loading, quality gate.
+
+The toy SDXL has the real SDXL's parts at toy scale: both text encoders are the toy CLIP's text
+tower (`CLIPTextModel` and `CLIPTextModelWithProjection` with the same weights), the tokenizers
+are the real CLIP BPE (the second pads with "!"), the VAE is a toy `AutoencoderKL` (f = 4:
+64x64 images -> 4x16x16 latents) and the UNet comes from `hyperlora.toy.unet`. Until the toy
+CLIP and VAE are trained, `text_components(None)` and `toy_vae(None)` give seeded random
+stand-ins with the same classes, so every step downstream runs unchanged.
+
+The folder loads with plain diffusers, offline:
+    StableDiffusionXLPipeline.from_pretrained("data/toy/sdxl")
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from ..tokenizer import clip_tokenizer
+from .identity import LOOK_ATTRIBUTES, Look, caption, identity_params, sample_look, visible_attributes
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TOY_DIR = REPO_ROOT / "data" / "toy"  # where `python -m hyperlora.toy build` writes
+DEFAULT_PIPELINE_DIR = DEFAULT_TOY_DIR / "sdxl"
+BUILD_COMMAND = "python -m hyperlora.toy build"
+
+# SDXL's training noise schedule (scaled_linear betas); the trainer and the shipped scheduler share it.
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+# Random stand-in text tower: vocabulary and special tokens of the real CLIP tokenizer, toy width.
+STANDIN_TEXT_CONFIG = dict(
+    vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, max_position_embeddings=77,
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3, projection_dim=32,
+)  # fmt: skip
+# Random stand-in VAE: three levels, so f = 4 (64x64 -> 16x16), as the toy VAE.
+STANDIN_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+    block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32, scaling_factor=1.0,
+)  # fmt: skip
+
+
+class MissingToyModel(FileNotFoundError):
+    """A toy model folder that is not there; the message names the path and the command that builds it."""
+
+
+def _model_dir(path: str | Path, names: Sequence[str] = ()) -> Path:
+    """`path` if it holds config.json, else the first of its subfolders `names` that does."""
+    path = Path(path)
+    for candidate in [path, *(path / name for name in names)]:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise MissingToyModel(f"no model at {path} (no config.json there or in {list(names)}): run {BUILD_COMMAND}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Components
+
+
+def _tower(encoder: CLIPTextModel) -> torch.nn.Module:
+    """The text transformer itself (transformers 5 flattens CLIPTextModel; 4.x nests it as .text_model)."""
+    return getattr(encoder, "text_model", encoder)
+
+
+def text_encoders_from_clip(clip: CLIPModel) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """SDXL's two text encoders from one CLIPModel's text tower, weights copied by name."""
+    values = clip.config.text_config.to_dict()
+    config = CLIPTextConfig.from_dict({**values, "projection_dim": clip.config.projection_dim})
+    encoder = CLIPTextModel(config)
+    _tower(encoder).load_state_dict(clip.text_model.state_dict())
+    encoder_2 = CLIPTextModelWithProjection(config)
+    encoder_2.text_model.load_state_dict(clip.text_model.state_dict())
+    encoder_2.text_projection.load_state_dict(clip.text_projection.state_dict())
+    return encoder.eval(), encoder_2.eval()
+
+
+def text_components(clip_path: str | Path | None, tokenizer_dir: str | Path, *, seed: int = 0) -> dict:
+    """text_encoder, text_encoder_2, tokenizer, tokenizer_2 from the toy CLIP folder (or random stand-ins if None).
+
+    The tokenizer is the one saved beside the CLIP if there is one, else the real CLIP BPE written to `tokenizer_dir`.
+    """
+    if clip_path is None:
+        logger.warning("no toy CLIP given: random stand-in text encoders (plumbing only, prompts are not understood)")
+        torch.manual_seed(seed)
+        encoder = CLIPTextModel(CLIPTextConfig(**STANDIN_TEXT_CONFIG)).eval()
+        encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**STANDIN_TEXT_CONFIG)).eval()
+        encoder_2.text_model.load_state_dict(_tower(encoder).state_dict())  # one tower, as with the real CLIP
+    else:
+        folder = _model_dir(clip_path, ["clip", "model"])
+        encoder, encoder_2 = text_encoders_from_clip(CLIPModel.from_pretrained(folder, dtype=torch.float32))
+        if (folder / "vocab.json").is_file():
+            tokenizer_dir = folder
+    tokenizer, tokenizer_2 = clip_tokenizer(tokenizer_dir), clip_tokenizer(tokenizer_dir, pad_token="!")
+    return dict(text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
+
+
+def toy_vae(vae_path: str | Path | None, *, seed: int = 0) -> AutoencoderKL:
+    """The toy VAE from its folder (or a random f = 4 stand-in if None)."""
+    if vae_path is None:
+        logger.warning("no toy VAE given: random stand-in VAE (plumbing only)")
+        torch.manual_seed(seed)
+        return AutoencoderKL(**STANDIN_VAE_CONFIG).eval()
+    return AutoencoderKL.from_pretrained(_model_dir(vae_path, ["vae", "model"])).eval()
+
+
+def toy_scheduler() -> DPMSolverMultistepScheduler:
+    """DPM++ 2M Karras, the sampler of the official ComfyUI workflows, over SDXL's noise schedule."""
+    return DPMSolverMultistepScheduler(
+        **NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True, steps_offset=1
+    )
+
+
+def make_pipeline(unet: UNet2DConditionModel | None, text: dict, vae: AutoencoderKL) -> StableDiffusionXLPipeline:
+    """A pipeline object from components. The unconditional branch encodes "" (what caption dropout trained)."""
+    return StableDiffusionXLPipeline(
+        vae=vae, unet=unet, scheduler=toy_scheduler(), force_zeros_for_empty_prompt=False, add_watermarker=False, **text
+    )
+
+
+def assemble_pipeline(unet_path: str | Path, out_dir: str | Path, *, clip_path=None, vae_path=None,
+                      unet_dtype: torch.dtype = torch.float16) -> Path:  # fmt: skip
+    """Write the toy base model folder (safetensors; the UNet stored in `unet_dtype`, loaded back as float32)."""
+    out_dir = Path(out_dir)
+    unet = UNet2DConditionModel.from_pretrained(_model_dir(unet_path, ["unet"]), dtype=unet_dtype)
+    text = text_components(clip_path, out_dir / "tokenizer")
+    pipe = make_pipeline(unet, text, toy_vae(vae_path))
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    sources = {"unet": str(unet_path), "clip": str(clip_path) if clip_path else "random stand-in",
+               "vae": str(vae_path) if vae_path else "random stand-in"}  # fmt: skip
+    (out_dir / "toy_sources.json").write_text(json.dumps(sources, indent=2) + "\n")
+    logger.info("toy SDXL pipeline written to %s", out_dir)
+    return out_dir
+
+
+def load_toy_pipeline(path: str | Path | None = None, **kwargs) -> StableDiffusionXLPipeline:
+    """The toy base model (default `data/toy/sdxl` in the repo) as a StableDiffusionXLPipeline."""
+    path = Path(path) if path is not None else DEFAULT_PIPELINE_DIR
+    if not (path / "model_index.json").is_file():
+        raise MissingToyModel(f"no toy SDXL pipeline at {path} (no model_index.json); build it with {BUILD_COMMAND}")
+    return StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality gate
+
+# Quality gates of the toy base model: figure -> least value that passes.
+GATES = {
+    "attribute_accuracy": 0.85,  # share of named attributes that the judge sees in the generations
+    "face_rate": 0.95,  # share of generations in which the detector finds a face
+}
+
+# judge(images uint8 [N, H, W, 3]) -> per image {attribute: predicted value}, for the attributes it can tell.
+Judge = Callable[[np.ndarray], Sequence[dict]]
+Detector = Callable[[np.ndarray], Sequence]  # one image uint8 [H, W, 3] -> its face boxes
+Embedder = Callable[[np.ndarray], torch.Tensor]  # images uint8 [N, H, W, 3] -> identity embeddings [N, D]
+
+
+def prompt_looks(n: int, seed: int) -> list[Look]:
+    """n random looks, each with all categorical attributes drawn (the prompts name them all)."""
+    rng = np.random.default_rng(seed)
+    return [sample_look(rng) for _ in range(n)]
+
+
+def look_prompt(look: Look, seed: int = 0) -> str:
+    """The caption of a look with no identity traits (so every word is a look attribute)."""
+    return caption(look, identity_params(0), np.random.default_rng(seed), identity_prob=0.0)
+
+
+def mean_pairwise_cosine(embeddings: torch.Tensor) -> float:
+    """Mean cosine similarity over distinct pairs of rows (identity similarity within one prompt's generations).
+
+    Rows with NaN (no face found) are left out; NaN if fewer than two rows remain."""
+    e = embeddings.float()
+    e = torch.nn.functional.normalize(e[~e.isnan().any(dim=-1)], dim=-1)
+    n = len(e)
+    if n < 2:
+        return float("nan")
+    sims = e @ e.T
+    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+
+
+@torch.no_grad()
+def generate(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], *, seeds: Sequence[int], steps: int = 20,
+             guidance_scale: float = 5.0, size: int = 64, negative_prompt: str | None = None,
+             ) -> np.ndarray:  # fmt: skip
+    """One image per (prompt, seed) as uint8 [N, H, W, 3], each from its own seeded generator."""
+    images = []
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        generator = torch.Generator().manual_seed(seed)
+        out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                   height=size, width=size, generator=generator, output_type="np")  # fmt: skip
+        images.append((out.images[0] * 255).round().astype(np.uint8))
+    return np.stack(images)
+
+
+def evaluate_base_model(path_or_pipe, *, judge: Judge | None = None, detector: Detector | None = None,
+                        embedder: Embedder | None = None, num_prompts: int = 32, per_prompt: int = 4,
+                        steps: int = 20, guidance_scale: float = 5.0, seed: int = 1234) -> dict:  # fmt: skip
+    """Does the base model follow prompts, draw faces and vary people? Missing judges give None, listed as not measured.
+
+    attribute_accuracy: share of (image, named attribute) pairs where `judge` sees the named value (GATES);
+    face_rate: share of images with >= 1 face from `detector` (GATES);
+    identity_similarity: mean pairwise cosine of `embedder` within one prompt's generations (lower = more diverse;
+    prompts with fewer than two faces found are left out, None if none is left).
+    """
+    pipe = path_or_pipe if isinstance(path_or_pipe, StableDiffusionXLPipeline) else load_toy_pipeline(path_or_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    looks = prompt_looks(num_prompts, seed)
+    prompts = [look_prompt(look, seed + i) for i, look in enumerate(looks)]
+    rep_looks = [look for look in looks for _ in range(per_prompt)]
+    seeds = [seed + k for k in range(len(rep_looks))]
+    images = generate(pipe, [p for p in prompts for _ in range(per_prompt)], seeds=seeds, steps=steps,
+                      guidance_scale=guidance_scale)  # fmt: skip
+    figures = {"attribute_accuracy": None, "per_attribute_accuracy": None, "face_rate": None,
+               "identity_similarity": None, "num_images": len(images)}  # fmt: skip
+    if judge is not None:
+        hits: dict[str, list[bool]] = {name: [] for name in LOOK_ATTRIBUTES}
+        for look, predicted in zip(rep_looks, judge(images), strict=True):
+            for name, value in visible_attributes(look).items():
+                if name in predicted:
+                    hits[name].append(predicted[name] == value)
+        per = {name: float(np.mean(h)) for name, h in hits.items() if h}
+        figures["per_attribute_accuracy"] = per
+        figures["attribute_accuracy"] = float(np.mean(list(itertools.chain(*hits.values()))))
+    if detector is not None:
+        figures["face_rate"] = float(np.mean([len(detector(image)) > 0 for image in images]))
+    if embedder is not None:
+        embeddings = embedder(images).reshape(num_prompts, per_prompt, -1)
+        similarities = [s for s in map(mean_pairwise_cosine, embeddings) if np.isfinite(s)]  # NaN: < 2 faces found
+        figures["identity_similarity"] = float(np.mean(similarities)) if similarities else None
+    names = ("attribute_accuracy", "face_rate", "identity_similarity")
+    figures["not_measured"] = [name for name in names if figures[name] is None]
+    gates = {f"{name} >= {least}": figures[name] >= least for name, least in GATES.items() if figures[name] is not None}
+    figures["gates"] = gates
+    figures["passed"] = all(gates.values()) if gates else None  # None: no gate could be measured
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Judges from the toy models' folders (the evaluation takes any callables with these interfaces)
+
+
+def clip_judge(clip_path: str | Path) -> Judge:
+    """Zero-shot look-attribute classifier from the toy CLIP, with hyperlora.toy.clip's prompt ensembles."""
+    from .clip import attribute_prompts, pixel_values
+
+    folder = _model_dir(clip_path, ["clip"])
+    model = CLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = clip_tokenizer(folder)
+    size = model.config.vision_config.image_size
+
+    def features(output) -> torch.Tensor:  # transformers 5 returns a model output, 4.x a tensor
+        return torch.nn.functional.normalize(getattr(output, "pooler_output", output), dim=-1)
+
+    classes = {}
+    with torch.no_grad():
+        for attribute in LOOK_ATTRIBUTES:
+            prompts = attribute_prompts(attribute)
+            text = []
+            for wordings in prompts.values():
+                tokens = tokenizer(wordings, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+                text.append(torch.nn.functional.normalize(features(model.get_text_features(**tokens)).mean(0), dim=-1))
+            classes[attribute] = (list(prompts), torch.stack(text))
+
+    @torch.no_grad()
+    def judge(images: np.ndarray) -> list[dict]:
+        if images.shape[1:3] != (size, size):
+            raise ValueError(f"the toy CLIP judges {size}x{size} images, got {list(images.shape)}")
+        image = features(model.get_image_features(pixel_values=pixel_values(images)))
+        best = {name: (image @ text.T).argmax(-1).tolist() for name, (_, text) in classes.items()}
+        return [{name: classes[name][0][best[name][i]] for name in classes} for i in range(len(images))]
+
+    return judge
+
+
+def face_judges(faces_dir: str | Path) -> tuple[Detector, Embedder]:
+    """The toy face detector and an identity embedder (detect, norm_crop, toy ArcFace); NaN rows: no face found."""
+    from .face_backend import DETECTOR_FILE, RECOGNIZER_FILE, require_file
+    from .face_detector import FaceDetector
+    from .face_recognizer import load_recognizer
+    from .faces import embed_images
+
+    detector = FaceDetector(require_file(faces_dir, DETECTOR_FILE))
+    recognizer = load_recognizer(require_file(faces_dir, RECOGNIZER_FILE))
+
+    def embed(images: np.ndarray) -> torch.Tensor:
+        found = [i for i, image in enumerate(images) if detector(image)]
+        out = torch.full((len(images), int(recognizer.output_shape[1])), float("nan"))
+        if found:
+            out[found] = torch.from_numpy(embed_images(detector, recognizer, [images[i] for i in found])).float()
+        return out
+
+    return detector, embed

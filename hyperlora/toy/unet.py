@@ -1,0 +1,261 @@
+"""The toy base model's UNet: an SDXL-architecture UNet2DConditionModel trained on toy portraits.
+
+SDXL's layout at toy scale: level 0 without attention, then CrossAttn levels (every one holds the
+attention modules that HyperLoRA later adapts); `text_time` added conditioning from the second
+text encoder's pooled projection and the six time ids (original size, crop corner, target size);
+cross-attention over both encoders' penultimate hidden states, concatenated (2 x the toy CLIP's
+text width). Training is SDXL's: epsilon prediction under the scaled_linear DDPM schedule, with
+captions dropped to "" 10 % of the time for classifier-free guidance.
+
+The frozen parts are run once: a rendered set's VAE latent distributions and its captions' text
+states (through the pipeline's own `encode_prompt`, so training sees what sampling sees) are cached
+in memory, and each step only draws a latent sample, noise and a timestep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from ..targets import find_targets
+from .cards import read_model_card, write_model_card
+from .data import ToyPortraits, render_arrays, to_tensor
+from .identity import split_identities
+from .pipeline import NOISE_SCHEDULE, make_pipeline, text_components, toy_vae
+
+logger = logging.getLogger(__name__)
+
+LOSSES_FILE = "losses.json"  # the loss curve, one mean per logging window
+
+
+@dataclass
+class UNetTrainConfig:
+    """Architecture, data and optimisation of the toy UNet; saved in its model card."""
+
+    # Architecture (SDXL layout: DownBlock2D, then CrossAttn levels; up blocks mirror them).
+    block_out_channels: tuple[int, ...] = (32, 64, 128)  # channels per level; 3 levels as SDXL's (320, 640, 1280)
+    layers_per_block: int = 2  # resnets (and transformers) per down level, as SDXL; up levels get one more
+    transformer_layers_per_block: tuple[int, ...] = (1, 1, 1)  # per level; level 0 has no attention (SDXL: 1, 2, 10)
+    attention_heads: tuple[int, ...] = (2, 4, 8)  # heads per level, 16 wide (diffusers' name: attention_head_dim)
+    addition_time_embed_dim: int = 32  # sinusoidal width per time id; 6 ids (SDXL: 256)
+    # Data: a fixed rendered set of training identities, cached as VAE latents and text states.
+    num_identities: int = 2000  # training identities (ids 0..n-1 of split_identities("train"))
+    images_per_identity: int = 4  # looks per identity: num_identities x this images in all
+    data_seed: int = 0  # seed of the rendered set (ToyPortraits seed)
+    image_size: int = 64  # render size; latents are image_size / 4
+    # Optimisation.
+    steps: int = 15000  # optimiser steps (estimate for prompt following: ~1.5-2.5 h on 2 idle cores; check the gate)
+    batch_size: int = 32
+    lr: float = 4e-4  # AdamW peak learning rate (small UNets take larger rates than SDXL's 1e-5)
+    warmup_steps: int = 200  # linear warmup, then cosine decay to 0
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0  # max gradient norm
+    caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE
+    ema_decay: float = 0.999  # EMA of the weights that are saved; 0 turns EMA off
+    # Runtime.
+    threads: int = 2  # torch CPU threads; on a machine shared with other jobs 1 avoids OpenMP stalls
+    seed: int = 0  # global seed: init, batches, noise, caption dropout
+    log_every: int = 50  # steps per loss-curve point and log line
+    mixed_precision: str = "no"  # accelerate's setting: "no", "fp16", "bf16"
+
+    @classmethod
+    def smoke(cls, **overrides) -> UNetTrainConfig:
+        """Seconds, not minutes: a tiny set and a few steps, to check the plumbing end to end."""
+        values = dict(num_identities=8, images_per_identity=2, steps=3, batch_size=4, warmup_steps=1,
+                      ema_decay=0.0, log_every=1)  # fmt: skip
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> UNetTrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown UNetTrainConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+        return cls(**{**values, **tuples})
+
+
+def build_toy_unet(config: UNetTrainConfig, *, cross_attention_dim: int, pooled_dim: int) -> UNet2DConditionModel:
+    """A randomly initialised SDXL-layout UNet for `cross_attention_dim` text states and `pooled_dim` text_embeds."""
+    levels = len(config.block_out_channels)
+    if levels < 2:
+        raise ValueError("the SDXL layout needs at least two levels: one without attention, then CrossAttn ones")
+    groups = math.gcd(*config.block_out_channels)  # GroupNorm groups: SDXL's 32, or a divisor of every width
+    while groups > 32:
+        groups //= 2
+    return UNet2DConditionModel(
+        sample_size=config.image_size // 4,  # f = 4 toy VAE; the pipeline's default size is sample_size x 4
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        attention_head_dim=config.attention_heads,
+        transformer_layers_per_block=config.transformer_layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=config.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * config.addition_time_embed_dim + pooled_dim,
+        norm_num_groups=groups,
+    )
+
+
+@dataclass
+class TrainingCache:
+    """Everything the frozen VAE and text encoders contribute, for a fixed rendered set."""
+
+    latent_mean: torch.Tensor  # [N, 4, h, w] VAE posterior mean (unscaled)
+    latent_std: torch.Tensor  # [N, 4, h, w] VAE posterior std
+    prompt_embeds: torch.Tensor  # [N, 77, cross_attention_dim] float16, both encoders' penultimate states
+    pooled: torch.Tensor  # [N, pooled_dim] float16, encoder 2's projected pooled output
+    empty_embeds: torch.Tensor  # [1, 77, cross_attention_dim] the "" prompt (caption dropout)
+    empty_pooled: torch.Tensor  # [1, pooled_dim]
+    scaling_factor: float  # the VAE's latent scaling
+    captions: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.latent_mean)
+
+
+@torch.no_grad()
+def build_cache(config: UNetTrainConfig, pipe, *, chunk: int = 64, progress: bool = True) -> TrainingCache:
+    """Render the training set, encode it with the frozen VAE and its captions with `pipe.encode_prompt`."""
+    identities = split_identities("train", max(config.num_identities, 1))
+    arrays = render_arrays(ToyPortraits(identities, config.images_per_identity, config.data_seed, config.image_size),
+                           progress=progress)  # fmt: skip
+    captions = arrays["captions"]
+    means, stds, embeds, pooled = [], [], [], []
+    for start in tqdm(range(0, len(captions), chunk), desc="caching latents and text", disable=not progress):
+        images = torch.stack([to_tensor(image) for image in arrays["images"][start : start + chunk]])
+        dist = pipe.vae.encode(images).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+        text = captions[start : start + chunk]
+        e, _, p, _ = pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
+        embeds.append(e.half())
+        pooled.append(p.half())
+    empty, _, empty_pooled, _ = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
+    cache = TrainingCache(torch.cat(means), torch.cat(stds), torch.cat(embeds), torch.cat(pooled), empty, empty_pooled,
+                          float(pipe.vae.config.scaling_factor), captions)  # fmt: skip
+    scaled_std = float(cache.latent_mean.std() * cache.scaling_factor)
+    megabytes = sum(t.numel() * t.element_size() for t in (cache.latent_mean, cache.latent_std, cache.prompt_embeds))
+    logger.info("cached %d images (%.0f MB); scaled latent std %.2f (SDXL aims at ~1)", len(cache), megabytes / 2**20,
+                scaled_std)  # fmt: skip
+    return cache
+
+
+def sample_batch(cache: TrainingCache, config: UNetTrainConfig, generator: torch.Generator) -> dict:
+    """A random batch of UNet inputs: scaled latents, text states (some dropped to ""), SDXL time ids."""
+    index = torch.randint(len(cache), (config.batch_size,), generator=generator)
+    noise = torch.randn(cache.latent_mean[index].shape, generator=generator)
+    latents = (cache.latent_mean[index] + cache.latent_std[index] * noise) * cache.scaling_factor
+    drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+    embeds = torch.where(drop[:, None, None], cache.empty_embeds, cache.prompt_embeds[index].float())
+    pooled = torch.where(drop[:, None], cache.empty_pooled, cache.pooled[index].float())
+    size = config.image_size
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(config.batch_size, 1)
+    return {"latents": latents, "encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
+
+
+def diffusion_loss(unet, noise_scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
+                   snr_gamma: float | None) -> torch.Tensor:  # fmt: skip
+    """DDPM epsilon-prediction MSE (Ho et al. 2020, eq. 14), Min-SNR-gamma weighted if `snr_gamma`."""
+    latents = batch["latents"]
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    added = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
+    prediction = unet(noisy, timesteps, batch["encoder_hidden_states"], added_cond_kwargs=added).sample
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), noise.float())
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma) / snr  # epsilon prediction: min(SNR, gamma) / SNR
+    per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae_path=None, *,
+               progress: bool = True) -> Path:  # fmt: skip
+    """Train the toy UNet against the frozen toy CLIP and VAE (random stand-ins where None); returns out_dir.
+
+    out_dir gets the diffusers UNet (config.json + safetensors), model_card.json + README.md and losses.json.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    set_seed(config.seed)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:  # used only if the CLIP folder has no tokenizer files
+        frozen = make_pipeline(None, text_components(clip_path, tokenizer_dir), toy_vae(vae_path))
+    cache = build_cache(config, frozen, progress=progress)
+    unet = build_toy_unet(config, cross_attention_dim=cache.prompt_embeds.shape[-1], pooled_dim=cache.pooled.shape[-1])
+    n_params = sum(p.numel() for p in unet.parameters())
+    logger.info("UNet: %.2f M parameters, %d images, %d steps at batch %d", n_params / 1e6, len(cache), config.steps,
+                config.batch_size)  # fmt: skip
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+    unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
+    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type="epsilon")
+    generator = torch.Generator().manual_seed(config.seed)
+    curve, window, start = [], [], time.perf_counter()
+    unet.train()
+    quiet = not progress or not accelerator.is_main_process
+    bar = tqdm(range(1, config.steps + 1), desc="training UNet", disable=quiet)
+    for step in bar:
+        batch = {k: v.to(accelerator.device) for k, v in sample_batch(cache, config, generator).items()}
+        with accelerator.accumulate(unet):
+            loss = diffusion_loss(unet, noise_scheduler, batch, generator, config.snr_gamma)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(unet.parameters())
+        window.append(loss.item())
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.perf_counter() - start
+            curve.append({"step": step, "loss": sum(window) / len(window), "seconds": round(elapsed, 1)})
+            logger.info("step %d/%d loss %.4f (%.2f steps/s)", step, config.steps, curve[-1]["loss"], step / elapsed)
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+            window = []
+    seconds = time.perf_counter() - start
+    unet = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    unet.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / LOSSES_FILE).write_text(json.dumps(curve) + "\n")
+    figures = {"parameters": n_params, "attention_modules": len(find_targets(unet)), "images": len(cache),
+               "steps_per_second": config.steps / seconds, "first_loss": curve[0]["loss"],
+               "final_loss": curve[-1]["loss"]}  # fmt: skip
+    sources = {"clip": str(clip_path or "random stand-in"), "vae": str(vae_path or "random stand-in")}
+    write_model_card(out_dir, name="toy SDXL UNet", config=config, train_seconds=seconds, figures=figures,
+                     summary="An SDXL-architecture UNet2DConditionModel trained on toy portraits and their captions "
+                     "(epsilon prediction, scaled_linear schedule, 10 % caption dropout). Loss curve: losses.json.",
+                     extra={"sources": sources})  # fmt: skip
+    logger.info("UNet written to %s (%.0f s, %.2f steps/s)", out_dir, seconds, config.steps / seconds)
+    return out_dir
+
+
+def load_unet_train_config(folder: str | Path) -> UNetTrainConfig:
+    """The UNetTrainConfig a UNet folder was trained with, from its model card (unknown keys raise)."""
+    return UNetTrainConfig.from_dict(read_model_card(folder)["config"])

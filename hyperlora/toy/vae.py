@@ -1,0 +1,260 @@
+"""The toy VAE: a diffusers `AutoencoderKL` with f = 4 (64 x 64 renders <-> 16 x 16 x 4 latents).
+
+Trained from scratch on toy renders with an L1 + L2 reconstruction loss, an L1 loss on image
+gradients (a cheap stand-in for a perceptual loss: it rewards sharp edges, and no pretrained
+network is available offline) and a small KL term. As in Stable Diffusion, `scaling_factor` in
+its config is 1 / std of the latents measured on training renders, so that scaled latents have
+unit variance for the toy UNet.
+
+Gate (`evaluate_vae`): reconstruction PSNR >= 28 dB on held-out ('test') renders. Identity
+preservation through the VAE needs a face embedder (the toy ArcFace): pass it as `face_embed`
+and the mean cosine between the embeddings of originals and reconstructions is reported too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .cards import write_model_card
+from .data import ToyPortraits, render_arrays, to_uint8
+from .render import split_identities
+
+log = logging.getLogger(__name__)
+
+PSNR_GATE = 28.0  # dB, reconstruction of held-out renders
+EVAL_SEED = 20251  # data seed of the evaluation renders: identical images run to run
+
+# A face embedder: uint8 images [N, H, W, 3] -> embeddings [N, D] (numpy or torch); e.g. the toy ArcFace.
+FaceEmbed = Callable[[np.ndarray], "np.ndarray | torch.Tensor"]
+
+
+@dataclass
+class VAETrainConfig:
+    """Architecture, data and optimisation of the toy VAE; saved in its model card."""
+
+    # architecture
+    image_size: int = 64  # renders are 64 x 64
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # 3 levels -> 2 downsamplings -> f = 4
+    layers_per_block: int = 1  # resnets per level (the decoder has one more)
+    latent_channels: int = 4  # as SD/SDXL: the toy UNet takes 4 x 16 x 16 latents
+    norm_num_groups: int = 16  # GroupNorm groups; must divide every block width
+    # data
+    num_train: int = 2000  # training identities 0..num_train-1 (never a held-out one)
+    images_per_identity: int = 4  # renders per identity, pre-rendered into memory once
+    data_seed: int = 0  # seed of the training renders
+    # optimisation
+    steps: int = 3000  # AdamW steps
+    batch_size: int = 32
+    lr: float = 1e-3  # peak learning rate after warmup, cosine decay to 0
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # max gradient norm
+    l1_weight: float = 1.0  # mean |x - x_hat| on [-1, 1] pixels
+    l2_weight: float = 1.0  # mean (x - x_hat)^2: what PSNR measures
+    edge_weight: float = 0.5  # L1 between horizontal and vertical image gradients: sharp edges
+    kl_weight: float = 1e-6  # on the KL per latent element (mean); small, as in SD's VAE
+    seed: int = 0  # model initialisation, batch order and posterior samples
+    threads: int = 1  # torch CPU threads; on the shared 2-core box 2 threads ran ~9x slower than 1
+    # calibration, evaluation and saving
+    scale_images: int = 512  # training renders whose latents set scaling_factor = 1 / std
+    eval_identities: int | None = None  # 'test' identities evaluated for the gate (None: all 200)
+    eval_per_identity: int = 2  # renders per 'test' identity for the gate
+    save_dtype: str = "float32"  # ~1 M parameters: 4 MB in float32, so no need to halve
+    log_every: int = 50  # steps between log lines
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block width "
+                             f"{self.block_out_channels}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def smoke(cls, **overrides) -> "VAETrainConfig":
+        """Tiny sizes and a handful of steps: checks the plumbing in seconds, learns nothing."""
+        values = dict(block_out_channels=(8, 16, 16), norm_num_groups=8, num_train=8, images_per_identity=2, steps=3,
+                      batch_size=8, warmup_steps=1, scale_images=16, eval_identities=8, eval_per_identity=1,
+                      log_every=1)  # fmt: skip
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "VAETrainConfig":
+        """The config of a model card (`read_model_card(folder)["config"]`); unknown keys raise."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown VAETrainConfig keys {sorted(unknown)}")
+        return cls(**values)
+
+
+def build_vae(config: VAETrainConfig) -> AutoencoderKL:
+    """A randomly initialised AutoencoderKL of the configured size (seeded by `config.seed`)."""
+    torch.manual_seed(config.seed)
+    levels = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block, latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups, sample_size=config.image_size, scaling_factor=1.0,
+    )  # fmt: skip
+
+
+def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, config: VAETrainConfig, generator=None
+             ) -> tuple[torch.Tensor, dict]:
+    """Weighted L1 + L2 + image-gradient L1 reconstruction loss plus KL; images in [-1, 1]."""
+    posterior = vae.encode(images).latent_dist
+    recon = vae.decode(posterior.sample(generator)).sample
+    terms = {
+        "l1": (recon - images).abs().mean(),
+        "l2": F.mse_loss(recon, images),
+        "edge": sum((a - b).abs().mean() for a, b in zip(_edges(recon), _edges(images))) / 2,
+        "kl": posterior.kl().mean() / posterior.mean[0].numel(),
+    }
+    weights = {"l1": config.l1_weight, "l2": config.l2_weight, "edge": config.edge_weight, "kl": config.kl_weight}
+    return sum(weights[k] * v for k, v in terms.items()), {k: v.item() for k, v in terms.items()}
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> float:
+    """Standard deviation of posterior samples over `images` (SD sets scaling_factor = 1 / this)."""
+    g = torch.Generator(device=images.device).manual_seed(0)
+    samples = [vae.encode(images[i : i + batch]).latent_dist.sample(g) for i in range(0, len(images), batch)]
+    return torch.cat(samples).float().std().item()
+
+
+def save_vae(vae: AutoencoderKL, folder: str | Path, dtype: str = "float32") -> Path:
+    """save_pretrained (safetensors) in `dtype`; scaling_factor is already in the config."""
+    folder = Path(folder)
+    if dtype == "float32":  # casting float32 to itself would only make diffusers warn
+        vae.save_pretrained(folder, safe_serialization=True)
+        return folder
+    vae.to(getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)
+    vae.to(torch.float32)
+    return folder
+
+
+def _training_images(config: VAETrainConfig) -> torch.Tensor:
+    data = ToyPortraits(split_identities("train", config.num_train), config.images_per_identity, config.data_seed,
+                        size=config.image_size)  # fmt: skip
+    images = render_arrays(data)["images"]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # [N, 3, H, W] in [-1, 1]
+
+
+def train_vae(config: VAETrainConfig, out_dir: str | Path, *, evaluate: bool = True,
+              face_embed: FaceEmbed | None = None) -> Path:
+    """Train a toy VAE, calibrate scaling_factor, save it into `out_dir`, evaluate it and write its card."""
+    torch.set_num_threads(config.threads)
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    images = _training_images(config)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=config.batch_size,
+                                         shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
+    if len(loader) == 0:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(images)} training renders")
+    vae = build_vae(config)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    vae, optimizer, loader, schedule = accelerator.prepare(vae, optimizer, loader, schedule)
+    log.info("toy VAE: %.2f M parameters, %d training renders", sum(p.numel() for p in vae.parameters()) / 1e6,
+             len(images))  # fmt: skip
+    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
+    start, step, batches = time.time(), 0, iter(loader)
+    vae.train()
+    with tqdm(total=config.steps, desc="toy VAE", mininterval=2) as bar:
+        while step < config.steps:
+            try:
+                (batch,) = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                continue
+            loss, terms = vae_loss(accelerator.unwrap_model(vae), batch, config, generator)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(vae.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                train_psnr = 10 * np.log10(4.0 / max(terms["l2"], 1e-12))  # [-1, 1] pixels: peak-to-peak 2
+                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{train_psnr:.1f}")
+                log.info("step %d/%d loss %.4f train PSNR %.2f dB kl %.3f", step, config.steps, loss.item(),
+                         train_psnr, terms["kl"])  # fmt: skip
+    seconds = time.time() - start
+    vae = accelerator.unwrap_model(vae).eval()
+    std = latent_std(vae, images[: config.scale_images].to(accelerator.device))
+    vae.register_to_config(scaling_factor=1.0 / std)
+    save_vae(vae, out_dir, config.save_dtype)
+    figures, gates = {"steps": step, "latent_std": std}, {}
+    if evaluate:
+        figures.update(evaluate_vae(out_dir, n_per_identity=config.eval_per_identity,
+                                    num_identities=config.eval_identities, face_embed=face_embed,
+                                    threads=config.threads))  # fmt: skip
+        gates[f"psnr >= {PSNR_GATE}"] = figures["psnr"] >= PSNR_GATE
+    write_model_card(out_dir, name="toy VAE", config=config, train_seconds=seconds, figures=figures, gates=gates,
+                     summary=f"An AutoencoderKL with f = {config.downsample} trained from scratch on toy portraits: "
+                     "the toy world's SDXL VAE.")  # fmt: skip
+    return out_dir
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2), shape [N, C, H, W] -> [N]."""
+    mse = (a.float() - b.float()).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-12)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def _cosine(a, b) -> np.ndarray:
+    a, b = (torch.as_tensor(np.asarray(x), dtype=torch.float32) for x in (a, b))
+    return F.cosine_similarity(a, b, dim=-1).numpy()
+
+
+@torch.no_grad()
+def evaluate_vae(path: str | Path, *, split: str = "test", n_per_identity: int = 2, seed: int = EVAL_SEED,
+                 num_identities: int | None = None, batch: int = 64, face_embed: FaceEmbed | None = None,
+                 threads: int | None = None) -> dict:
+    """Reconstruction PSNR (mean of per-image dB, and of the pooled MSE) on held-out renders, through
+    the posterior mode, with the VAE loaded from `path`. With `face_embed` (uint8 [N, H, W, 3] ->
+    [N, D]) also the cosine between embeddings of the originals and of their reconstructions."""
+    if threads:
+        torch.set_num_threads(threads)
+    vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()
+    identities = split_identities(split)
+    identities = identities[:num_identities] if num_identities else identities
+    arrays = render_arrays(ToyPortraits(identities, n_per_identity, seed, size=vae.config.sample_size), progress=False)
+    images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    recon = torch.cat([vae.decode(vae.encode(images[i : i + batch]).latent_dist.mode()).sample.clamp(-1, 1)
+                       for i in range(0, len(images), batch)])  # fmt: skip
+    recon_uint8 = to_uint8(recon)  # what a saved image would hold
+    per_image = psnr(images, torch.from_numpy(recon_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0))
+    pooled_mse = (images - recon).pow(2).mean().item()
+    figures = {
+        "psnr": float(per_image.mean()),
+        "psnr_min": float(per_image.min()),
+        "psnr_pooled": float(10 * np.log10(4.0 / pooled_mse)),
+        "l1": float((images - recon).abs().mean() / 2),  # on [0, 1] pixels
+        "n_images": len(images),
+        "split": split,
+    }
+    if face_embed is not None:
+        cosine = _cosine(face_embed(arrays["images"]), face_embed(recon_uint8))
+        figures.update(identity_cosine=float(cosine.mean()), identity_cosine_min=float(cosine.min()))
+    return figures

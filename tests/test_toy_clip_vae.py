@@ -1,0 +1,146 @@
+"""Toy CLIP and toy VAE: a few smoke steps write folders that the standard loaders read offline."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from transformers import (CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                          CLIPVisionModelWithProjection)  # fmt: skip
+
+from hyperlora.tokenizer import clip_tokenizer
+from hyperlora.toy.cards import read_model_card, write_model_card
+from hyperlora.toy.clip import (CLIPTrainConfig, HardBatches, attribute_prompts, evaluate_clip, pixel_values,
+                                train_clip)  # fmt: skip
+from hyperlora.toy.render import LOOK_ATTRIBUTES, render_sample
+from hyperlora.toy.vae import VAETrainConfig, evaluate_vae, psnr, train_vae
+
+PROMPTS = ["fcsks fxhks fhyks, a portrait of a person with curly red hair, wearing a teal hoodie", "a bald person!"]
+SMOKE_CLIP = CLIPTrainConfig.smoke(eval_every=2, val_identities=4)
+CARD_KEYS = {"config", "command", "git_commit", "train_seconds", "figures", "gates", "weights_mb"}
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    return train_clip(SMOKE_CLIP, tmp_path_factory.mktemp("toy_clip"))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    return train_vae(VAETrainConfig.smoke(), tmp_path_factory.mktemp("toy_vae"))
+
+
+def _renders(n: int) -> np.ndarray:
+    return np.stack([render_sample(i, 0, seed=3).image for i in range(n)])
+
+
+def test_clip_tokenizer_reloads_with_the_project_ids(clip_dir, tokenizer_dir):
+    loaded = CLIPTokenizer.from_pretrained(clip_dir)
+    reference = clip_tokenizer(tokenizer_dir)
+    for prompt in PROMPTS:
+        assert loaded(prompt).input_ids == reference(prompt).input_ids, prompt
+    padded = loaded(PROMPTS[1], padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77 and padded[0] == 49406 and padded[-1] == 49407
+
+
+def test_clip_towers_load_with_standard_classes(clip_dir):
+    config = CLIPTrainConfig.smoke()
+    full = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
+    vision = CLIPVisionModelWithProjection.from_pretrained(clip_dir, dtype=torch.float32).eval()
+    text = CLIPTextModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
+    text_2 = CLIPTextModelWithProjection.from_pretrained(clip_dir, dtype=torch.float32).eval()
+    pixels = pixel_values(_renders(2))
+    ids = CLIPTokenizer.from_pretrained(clip_dir)(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = vision(pixel_values=pixels, output_hidden_states=True)
+        features = out.hidden_states[-2]  # the hypernetwork's CLIP features
+        assert features.shape == (2, (64 // config.patch_size) ** 2 + 1, config.vision_hidden)
+        assert torch.allclose(out.image_embeds, full.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5)
+        hidden = text(ids.input_ids, output_hidden_states=True).hidden_states[-2]  # SDXL's text features
+        assert hidden.shape == (2, 77, config.text_hidden)
+        reference = full.get_text_features(input_ids=ids.input_ids).pooler_output
+        assert torch.allclose(text_2(ids.input_ids).text_embeds, reference, atol=1e-5), "text towers disagree"
+    assert not torch.allclose(features[0], features[1]), "different images should give different features"
+
+
+def test_clip_image_processor_matches_training_preprocessing(clip_dir):
+    images = _renders(3)
+    processed = CLIPImageProcessor.from_pretrained(clip_dir)(images=list(images), return_tensors="pt").pixel_values
+    assert processed.shape == (3, 3, 64, 64)
+    assert torch.allclose(processed, pixel_values(images), atol=1e-4)
+
+
+def test_clip_evaluation_and_card(clip_dir):
+    figures = evaluate_clip(clip_dir, num_identities=4, n_per_identity=1)
+    assert {"zero_shot", "zero_shot_mean", "i2t_r1", "t2i_r1", "n_images"} <= set(figures)
+    assert set(figures["zero_shot"]) <= set(LOOK_ATTRIBUTES) and 0 <= figures["zero_shot_mean"] <= 1
+    card = read_model_card(clip_dir)
+    assert CARD_KEYS <= set(card) and CLIPTrainConfig.from_dict(card["config"]) == SMOKE_CLIP
+    assert card["train_seconds"] > 0 and "zero_shot_mean" in card["figures"] and card["gates"]
+    assert [point["step"] for point in card["figures"]["val_curve"]] == [2, 3], "checks every 2 steps and at the end"
+    assert (clip_dir / "README.md").read_text().startswith("# toy CLIP")
+
+
+def test_attribute_prompts_cover_every_value():
+    for attribute, values in LOOK_ATTRIBUTES.items():
+        prompts = attribute_prompts(attribute)
+        assert list(prompts) == values and all(prompts.values()), attribute
+        assert len({tuple(p) for p in prompts.values()}) == len(values), f"{attribute}: two values share prompts"
+
+
+def test_hard_batches_share_an_attribute_and_never_repeat_an_image():
+    rng = np.random.default_rng(0)
+    attributes = [{name: str(rng.choice(values)) for name, values in LOOK_ATTRIBUTES.items()} for _ in range(600)]
+    batches = iter(HardBatches(attributes, 16, hard=1.0, max_fixed=1, seed=0))
+    for _ in range(20):
+        batch = next(batches)
+        assert len(set(batch)) == 16
+        assert any(len({attributes[i][name] for i in batch}) == 1 for name in LOOK_ATTRIBUTES), "no shared attribute"
+    uniform = iter(HardBatches(attributes, 16, hard=0.0, max_fixed=1, seed=0))
+    assert sum(any(len({attributes[i][n] for i in next(uniform)}) == 1 for n in LOOK_ATTRIBUTES) for _ in range(20)) < 5
+
+
+def test_vae_shapes_and_scaling_factor(vae_dir):
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+    images = torch.from_numpy(_renders(2)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mode()
+        assert latents.shape == (2, 4, 16, 16), "f = 4: 64 px -> 16 x 16 x 4 latents"
+        assert vae.decode(latents).sample.shape == (2, 3, 64, 64)
+    card = read_model_card(vae_dir)
+    assert vae.config.scaling_factor == pytest.approx(1 / card["figures"]["latent_std"], rel=1e-4)
+    assert CARD_KEYS <= set(card) and "psnr" in card["figures"] and card["git_commit"]
+    assert VAETrainConfig.from_dict(card["config"]) == VAETrainConfig.smoke()
+
+
+def test_vae_evaluation_keys_and_face_hook(vae_dir):
+    calls = []
+
+    def face_embed(images):  # a stand-in embedder: mean colour per image
+        calls.append(images.shape)
+        return images.reshape(len(images), -1, 3).mean(1)
+
+    figures = evaluate_vae(vae_dir, num_identities=3, n_per_identity=1, face_embed=face_embed)
+    assert {"psnr", "psnr_min", "psnr_pooled", "l1", "identity_cosine", "identity_cosine_min"} <= set(figures)
+    assert calls == [(3, 64, 64, 3)] * 2, "the hook sees uint8 originals, then reconstructions"
+    assert "identity_cosine" not in evaluate_vae(vae_dir, num_identities=1, n_per_identity=1)
+
+
+def test_psnr_values():
+    x = torch.zeros(2, 3, 8, 8)
+    assert psnr(x, x + 0.02)[0].item() == pytest.approx(10 * np.log10(4 / 0.02**2), rel=1e-4)
+    assert psnr(x, x).min() > 100
+
+
+def test_model_card_round_trip(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save the model"):
+        write_model_card(tmp_path / "missing", name="x", summary="", config={}, train_seconds=1, figures={})
+    write_model_card(tmp_path, name="toy thing", summary="s", config=VAETrainConfig.smoke(), train_seconds=1.5,
+                     figures={"psnr": 30.123, "per": {"a": 1}}, gates={"psnr >= 28": True}, command=["train", "--x"])
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert card["config"]["block_out_channels"] == [8, 16, 16] and card["passed"] is True
+    readme = (tmp_path / "README.md").read_text()
+    assert "PASSED" in readme and "psnr: 30.12" in readme and "train --x" in readme

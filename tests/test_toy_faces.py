@@ -1,0 +1,135 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hyperlora.conditioning.faces import ModelFilesMissingError
+from hyperlora.toy.face_backend import ToyFaceAnalyzer
+from hyperlora.toy.face_detector import (
+    INPUT_SIZE, DetectorTrainConfig, FaceDetector, TinyDetector, faceless, positive_matrix, sample_batch, render_pool,
+)
+from hyperlora.toy.face_recognizer import RecognizerTrainConfig, arcface_logits, load_recognizer
+from hyperlora.toy.faces import FaceEvalConfig, evaluate_faces, train_detector, train_recognizer
+from hyperlora.toy.render import render_sample, split_identities
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Both smoke models, trained for 3 steps and exported to ONNX."""
+    folder = tmp_path_factory.mktemp("toy_faces")
+    train_detector(DetectorTrainConfig.smoke(), folder)
+    train_recognizer(RecognizerTrainConfig.smoke(), folder)
+    return folder
+
+
+@pytest.fixture
+def render():
+    return render_sample(split_identities("test")[0], 0, seed=3)
+
+
+def test_recognizer_loads_through_insightface_as_a_recognition_model(model_dir, render):
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+    from insightface.utils.face_align import norm_crop
+
+    model = load_recognizer(model_dir / "recognizer.onnx")
+    assert isinstance(model, ArcFaceONNX) and model.taskname == "recognition"
+    assert model.input_size == (112, 112) and not isinstance(model.input_shape[0], int), "batch must be dynamic"
+    assert (model.input_mean, model.input_std) == (127.5, 127.5), "normalisation happens outside the graph"
+    crop = norm_crop(np.ascontiguousarray(render.image[:, :, ::-1]), render.keypoints)
+    assert model.get_feat([crop, crop]).shape == (2, RecognizerTrainConfig.smoke().embedding_dim)
+
+
+def test_detector_finds_one_face_and_answers_in_pixels_at_any_size(model_dir, render):
+    detector = FaceDetector(model_dir / "detector.onnx", threshold=0.0)
+    (small,) = detector.detect(render.image)
+    assert small.box.shape == (4,) and small.kps.shape == (5, 2) and 0.0 <= small.score <= 1.0
+    doubled = np.repeat(np.repeat(render.image, 2, axis=0), 2, axis=1)  # resized back to 64 px it is the same image
+    (large,) = detector.detect(doubled)
+    np.testing.assert_allclose(large.kps, (small.kps + 0.5) * 2 - 0.5, atol=1e-3)
+    np.testing.assert_allclose(large.box, (small.box + 0.5) * 2 - 0.5, atol=1e-3)
+    assert FaceDetector(model_dir / "detector.onnx", threshold=1.01).detect(render.image) == []
+
+
+def test_checkpoint_reloads_and_matches_the_onnx_file(model_dir, render):
+    saved = torch.load(model_dir / "detector.pt")
+    config = DetectorTrainConfig(**saved["config"])
+    model = TinyDetector(width=config.width, hidden=config.hidden)
+    model.load_state_dict(saved["state_dict"])
+    pixels = torch.from_numpy(render.image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        out = model.eval()(pixels)[0].numpy()
+    (found,) = FaceDetector(model_dir / "detector.onnx", threshold=0.0).detect(render.image)
+    np.testing.assert_allclose(found.kps.ravel(), out[4:14] * INPUT_SIZE - 0.5, atol=1e-3)
+    record = json.loads((model_dir / "detector_train.json").read_text())
+    assert record["config"]["steps"] == 3 and record["history"]["train_seconds"] > 0 and "git_commit" in record
+
+
+def test_analyzer_returns_faces_with_normalised_embeddings(model_dir, render):
+    analyzer = ToyFaceAnalyzer(model_dir=model_dir, det_threshold=0.0)
+    image = Image.fromarray(render.image)
+    (face,) = analyzer.detect(image)
+    assert face.embedding.shape == (analyzer.embedding_dim,) == (RecognizerTrainConfig.smoke().embedding_dim,)
+    assert np.linalg.norm(face.embedding) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(analyzer.embed(image, face), face.embedding, atol=1e-6)
+
+
+def test_missing_model_files_name_the_file_the_folder_and_the_build_command(tmp_path):
+    with pytest.raises(ModelFilesMissingError, match="detector.onnx") as error:
+        ToyFaceAnalyzer(model_dir=tmp_path)
+    assert str(tmp_path.resolve()) in str(error.value) and "python -m hyperlora.toy build" in str(error.value)
+    with pytest.raises(FileNotFoundError, match="toy face model"):
+        evaluate_faces(tmp_path)
+
+
+def test_evaluation_writes_the_card_and_the_cosine_plot(model_dir):
+    result = evaluate_faces(model_dir, FaceEvalConfig(identities=3, images_per_identity=2))
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert set(card["gates"]) == set(result["gates"]) and card["passed"] is False, "3 training steps pass no gate"
+    assert set(card["config"]) == {"detector", "recognizer", "evaluation"} and card["train_seconds"] > 0
+    assert 0.0 <= card["figures"]["detection"]["detection_rate"] <= 1.0
+    assert (model_dir / "cosine_distributions.png").stat().st_size > 1000
+
+
+def test_arcface_margin_only_lowers_the_true_class_logit():
+    g = torch.Generator().manual_seed(0)
+    embeddings, weight = torch.randn(4, 8, generator=g), torch.randn(5, 8, generator=g)
+    labels = torch.tensor([0, 1, 2, 3])
+    plain = arcface_logits(embeddings, weight, labels, 30.0, 0.0)
+    margin = arcface_logits(embeddings, weight, labels, 30.0, 0.3)
+    cosine = torch.nn.functional.normalize(embeddings) @ torch.nn.functional.normalize(weight).T
+    torch.testing.assert_close(plain, 30 * cosine)
+    true = torch.arange(4), labels
+    assert (margin[true] < plain[true]).all(), "the margin makes the true class harder"
+    margin[true] = plain[true]
+    torch.testing.assert_close(margin, plain)
+
+
+def test_augmentation_keeps_faces_inside_and_negatives_faceless():
+    config = DetectorTrainConfig.smoke(batch_size=32, negative_fraction=0.5)
+    pool = render_pool(range(4), 1, seed=0, size=64, progress=False)
+    rng = np.random.default_rng(0)
+    for box in pool.boxes:
+        for _ in range(20):
+            matrix = positive_matrix(box, 64, rng, config)
+            corners = box.reshape(2, 2) @ matrix[:, :2].T + matrix[:, 2]
+            assert (corners >= -0.5).all() and (corners <= INPUT_SIZE - 0.5).all()
+    batch = sample_batch(pool, rng, config)
+    assert batch["pixels"].shape == (32, 3, 64, 64) and 0 < batch["labels"].sum() < 32
+    r = render_sample(0, 0, seed=0)
+    painted = faceless(r)
+    assert (painted[r.mask] != r.image[r.mask]).any(axis=-1).mean() > 0.5, "the face is painted over"
+    assert (painted[0] == r.image[0]).all(), "the top row (wall) is unchanged"
+
+
+def test_command_line_flags_are_config_fields(tmp_path):
+    from hyperlora.toy.faces import main
+
+    assert main(["--out", str(tmp_path), "--smoke", "--stages", "detector", "--detector.steps", "2",
+                 "--detector.zoom", "[1.0, 1.2]"]) == 0  # fmt: skip
+    config = json.loads((tmp_path / "detector_train.json").read_text())["config"]
+    assert config["steps"] == 2 and config["zoom"] == [1.0, 1.2]
+    assert config["width"] == DetectorTrainConfig.smoke().width, "--smoke is the starting point"
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--detector.no_such_field", "1"])

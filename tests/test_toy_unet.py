@@ -1,0 +1,130 @@
+"""The toy base model: UNet trainer, pipeline folder, quality-gate plumbing and the build's step handling."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from hyperlora import find_targets
+from hyperlora.toy.build import Step, StepUnavailable, _trainer, selected_steps
+from hyperlora.toy.cards import read_model_card
+from hyperlora.toy.pipeline import (
+    MissingToyModel, assemble_pipeline, evaluate_base_model, load_toy_pipeline, mean_pairwise_cosine,
+)  # fmt: skip
+from hyperlora.toy.unet import (
+    LOSSES_FILE, TrainingCache, UNetTrainConfig, build_toy_unet, load_unet_train_config, sample_batch, train_unet,
+)  # fmt: skip
+
+# Three SDXL-layout levels, narrow: the smoke run takes seconds.
+FAST = dict(block_out_channels=(32, 32, 64), attention_heads=(2, 2, 4), layers_per_block=1, steps=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory):
+    return train_unet(UNetTrainConfig.smoke(**FAST), tmp_path_factory.mktemp("unet"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(unet_dir, tmp_path_factory):
+    return assemble_pipeline(unet_dir, tmp_path_factory.mktemp("toy") / "sdxl")
+
+
+def test_default_unet_is_sdxl_layout_with_attention_at_every_crossattn_level():
+    with torch.device("meta"):
+        unet = build_toy_unet(UNetTrainConfig(), cross_attention_dim=256, pooled_dim=128)  # toy CLIP width 128
+    params = sum(p.numel() for p in unet.parameters())
+    assert 4e6 <= params <= 10e6, f"default toy UNet has {params / 1e6:.1f} M parameters, wanted 4-10 M"
+    assert unet.config.addition_embed_type == "text_time"
+    assert unet.config.down_block_types[0] == "DownBlock2D"
+    targets = find_targets(unet)
+    levels = {t.name.split(".")[1] for t in targets if t.name.startswith("down_blocks")}
+    assert levels == {"1", "2"}, f"attention expected on down levels 1 and 2, found on {sorted(levels)}"
+    assert any(t.cross_attention_dim == 256 for t in targets), "cross-attention must read both encoders' states"
+
+
+def test_smoke_training_writes_a_unet_that_reloads_with_its_config(unet_dir):
+    assert (unet_dir / "diffusion_pytorch_model.safetensors").is_file()
+    assert load_unet_train_config(unet_dir) == UNetTrainConfig.smoke(**FAST)
+    curve = json.loads((unet_dir / LOSSES_FILE).read_text())
+    assert len(curve) == 2 and all(np.isfinite(point["loss"]) for point in curve)
+    card = read_model_card(unet_dir)
+    assert card["figures"]["attention_modules"] > 0
+    assert card["sources"] == {"clip": "random stand-in", "vae": "random stand-in"}
+
+
+def test_unknown_config_keys_raise():
+    with pytest.raises(ValueError, match="unknown UNetTrainConfig keys"):
+        UNetTrainConfig.from_dict({"steps": 3, "stepz": 4})
+
+
+def test_caption_dropout_replaces_text_with_the_empty_prompt():
+    n, tokens, width, pooled = 6, 77, 8, 4
+    cache = TrainingCache(
+        latent_mean=torch.zeros(n, 4, 16, 16), latent_std=torch.zeros(n, 4, 16, 16),
+        prompt_embeds=torch.ones(n, tokens, width).half(), pooled=torch.ones(n, pooled).half(),
+        empty_embeds=torch.zeros(1, tokens, width), empty_pooled=torch.zeros(1, pooled), scaling_factor=0.5,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    batch = sample_batch(cache, UNetTrainConfig(batch_size=2000, caption_dropout=0.1), g)
+    dropped = batch["encoder_hidden_states"].flatten(1).eq(0).all(1)
+    assert torch.equal(dropped, batch["text_embeds"].eq(0).all(1)), "states and pooled must drop together"
+    assert 0.07 < dropped.float().mean() < 0.13
+    assert batch["time_ids"][0].tolist() == [64, 64, 0, 0, 64, 64]  # original size, crop corner, target size
+    assert batch["latents"].abs().max() == 0
+
+
+def test_pipeline_folder_loads_offline_and_generates_64px(pipeline_dir):
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir)
+    assert pipe.unet.dtype == torch.float32, "the fp16-shipped UNet should load as float32 on CPU"
+    assert pipe.tokenizer_2.pad_token == "!"
+    assert pipe.scheduler.config.use_karras_sigmas and pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert len(find_targets(pipe.unet)) > 0
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a portrait of a person with short red hair", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.images.shape == (1, 64, 64, 3), "default size should be the toy size, 64 px"
+    assert np.isfinite(out.images).all()
+    unet_mb = sum(f.stat().st_size for f in (pipeline_dir / "unet").glob("*.safetensors")) / 1e6
+    assert unet_mb <= 25
+
+
+def test_missing_pipeline_names_the_path_and_the_build_command(tmp_path):
+    with pytest.raises(MissingToyModel, match=r"(?s)nowhere.*python -m hyperlora\.toy build"):
+        load_toy_pipeline(tmp_path / "nowhere")
+
+
+def test_evaluation_reports_unmeasured_figures_as_none(pipeline_dir):
+    pipe = load_toy_pipeline(pipeline_dir)
+
+    def always_grey(images):
+        return [{"background_colour": "grey"} for _ in images]
+
+    figures = evaluate_base_model(pipe, judge=always_grey, detector=lambda image: [(0, 0, 8, 8)],
+                                  num_prompts=2, per_prompt=2, steps=1)  # fmt: skip
+    assert figures["face_rate"] == 1.0
+    assert figures["identity_similarity"] is None and figures["not_measured"] == ["identity_similarity"]
+    assert set(figures["per_attribute_accuracy"]) == {"background_colour"}
+    assert set(figures["gates"]) == {"attribute_accuracy >= 0.85", "face_rate >= 0.95"}
+    assert figures["passed"] == (figures["attribute_accuracy"] >= 0.85)
+    unjudged = evaluate_base_model(pipe, num_prompts=1, per_prompt=1, steps=1)
+    assert unjudged["passed"] is None and unjudged["gates"] == {}
+    assert unjudged["not_measured"] == ["attribute_accuracy", "face_rate", "identity_similarity"]
+
+
+def test_pairwise_cosine_skips_images_without_a_face():
+    e = torch.tensor([[1.0, 0.0], [1.0, 0.0], [float("nan"), 0.0]])
+    assert mean_pairwise_cosine(e) == pytest.approx(1.0)
+    assert np.isnan(mean_pairwise_cosine(e[2:]))
+
+
+def test_build_steps_keep_order_and_a_missing_trainer_fails_its_step_only():
+    assert selected_steps(["unet", "clip"]) == ["clip", "unet", "sdxl"]
+    assert selected_steps(["faces", "sdxl"]) == ["faces", "sdxl"]
+    with pytest.raises(ValueError, match="unknown build steps"):
+        selected_steps(["unte"])
+    with pytest.raises(StepUnavailable, match="hyperlora.toy.not_yet is not written yet"):
+        _trainer(Step("x", "hyperlora.toy.not_yet", "train_x", "XConfig", "x"))
+    with pytest.raises(StepUnavailable, match="has no train_nothing"):
+        _trainer(Step("x", "hyperlora.toy.unet", "train_nothing", "UNetTrainConfig", "x"))
