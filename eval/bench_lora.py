@@ -4,8 +4,8 @@
 
 For each UNet (random weights: timing only) it measures one UNet call at batch 2 (classifier-free
 guidance) for: the base UNet; the runtime LoRA (`functional_lora` hooks); diffusers adapters
-(PEFT, unfused); diffusers `fuse_lora` with the adapters kept (unfuse-able); and fused then
-`unload_lora_weights` (plain weights). Variants are timed in interleaved rounds and reported as
+(PEFT, unfused); diffusers `fuse_lora` with the adapters kept (unfuse-able); fused then
+`unload_lora` (plain weights, no way back); and `InPlaceFusion` (plain weights, exact restore). Variants are timed in interleaved rounds and reported as
 the median ratio to the base time of the same round. Targets: fused <= 1.01 x, runtime <= 1.15 x.
 
 It also counts FLOPs (torch's FlopCounterMode; the SDXL UNet on the meta device at 1024 px, CFG
@@ -23,6 +23,7 @@ import time
 import torch
 
 from hyperlora import HyperLoRA, find_targets, functional_lora, load_into_diffusers, preset
+from hyperlora.lora import InPlaceFusion
 from hyperlora.config import TOKENS_PER_MODULE
 from hyperlora.resampler import normalize_coefficients
 from hyperlora.targets import LAYER_KEYS
@@ -91,6 +92,9 @@ def bench_unet(name: str, repeats: int) -> dict:
     load_into_diffusers(adapters, loras, {"id": 0.85, "base": 0.25})
     fused = copy.deepcopy(unet)
     fuse_ms = _median_ms(lambda: (fused.unfuse_lora(), load_into_diffusers(fused, loras, {"id": 0.85, "base": 0.25}, fuse=True)))
+    in_place = copy.deepcopy(unet)
+    fusion = InPlaceFusion(in_place)
+    in_place_ms = _median_ms(lambda: fusion.fuse([loras["id"], loras["base"]], [0.85, 0.25]))
     plain = copy.deepcopy(fused)
     plain.unload_lora()  # keeps the fused weights, drops the PEFT wrappers
 
@@ -99,7 +103,8 @@ def bench_unet(name: str, repeats: int) -> dict:
             return unet(**kw)
 
     variants = {"base": unet, "runtime (hooks)": runtime, "adapters (PEFT)": adapters,
-                "fused, adapters kept": fused, "fused + unloaded": plain}  # fmt: skip
+                "fused, adapters kept": fused, "fused + unloaded": plain,
+                "fused in place": in_place}  # fmt: skip
     for fn in variants.values():  # warm-up
         _time(fn, inputs)
     ratios = {k: [] for k in variants}
@@ -117,6 +122,7 @@ def bench_unet(name: str, repeats: int) -> dict:
         "ratios": {k: statistics.median(v) for k, v in ratios.items()},
         "coefficients_to_lora_ms": assemble_ms,
         "lora_to_fused_unet_ms": fuse_ms,
+        "lora_to_in_place_ms": in_place_ms,
     }
 
 
@@ -136,6 +142,7 @@ def main() -> None:
             print(f"  {key:<22} {ratio:6.3f} x base")
         print(f"  coefficients -> LoRA matrices   {r['coefficients_to_lora_ms']:8.1f} ms")
         print(f"  LoRA -> fused UNet (diffusers)  {r['lora_to_fused_unet_ms']:8.1f} ms")
+        print(f"  LoRA -> fused UNet (in place)   {r['lora_to_in_place_ms']:8.1f} ms")
     print("\nFLOPs of one UNet step (batch 2, 77 text tokens) and the share a runtime LoRA (rank 8 + 4) adds:")
     for name in ["tiny", "mid", "sdxl"]:
         tflops, share = lora_flop_share(name)

@@ -153,6 +153,43 @@ def functional_lora(
             handle.remove()
 
 
+class InPlaceFusion:
+    """Generated LoRAs added straight into a UNet's weights: the base model's cost per step, and undoable.
+
+    The first fuse keeps a CPU copy of every weight it touches; `restore` puts the copies back, so
+    switching identities never accumulates rounding (unlike subtracting a delta from fp16 weights).
+    This is the fast path for personalisation: no PEFT modules are created.
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self.modules = dict(unet.named_modules())
+        self.backup: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def fuse(self, loras: Sequence[LoRAWeights], scales: Sequence[float], index: int = 0) -> None:
+        """W <- W_base + sum_i scales[i] * (alpha_i / r_i) * B_i A_i, for one sample's LoRAs."""
+        self.restore()
+        deltas: dict[str, torch.Tensor] = {}
+        for lora, scale in zip(loras, scales):
+            for path in lora.layers:
+                delta = float(scale) * lora.delta(path, index).float()
+                deltas[path] = deltas[path] + delta if path in deltas else delta
+        for path, delta in deltas.items():
+            linear = self.modules.get(path)
+            if not isinstance(linear, nn.Linear) or linear.weight.shape != delta.shape:
+                raise ValueError(f"{path}: not a Linear of this UNet with weight shape {tuple(delta.shape)}")
+            self.backup[path] = linear.weight.detach().to("cpu", copy=True)
+            linear.weight.copy_((linear.weight.float() + delta.to(linear.weight.device)).to(linear.weight.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Back to the base weights, exactly."""
+        for path, weight in self.backup.items():
+            self.modules[path].weight.copy_(weight)
+        self.backup.clear()
+
+
 # --- diffusers / PEFT ------------------------------------------------------------------------
 
 

@@ -121,3 +121,19 @@ def test_lora_for_another_unet_is_rejected(unet, loras):
     with pytest.raises((KeyError, ValueError), match="down_blocks"):
         with functional_lora(build_unet("mid"), [loras["id"]], [1.0]):
             pass
+
+
+def test_in_place_fusion_matches_and_restores_exactly(unet, inputs, loras):
+    from hyperlora.lora import InPlaceFusion
+
+    base = _run(unet, inputs)
+    with functional_lora(unet, [loras["id"], loras["base"]], [0.8, 0.4]):
+        expected = _run(unet, inputs)
+    fusion = InPlaceFusion(unet)
+    fusion.fuse([loras["id"], loras["base"]], [0.8, 0.4])
+    torch.testing.assert_close(_run(unet, inputs), expected, rtol=1e-4, atol=1e-5)
+    fusion.fuse([loras["id"]], [0.0])  # fusing again starts from the base weights
+    torch.testing.assert_close(_run(unet, inputs), base, rtol=0, atol=0)
+    fusion.fuse([loras["id"]], [1.0])
+    fusion.restore()
+    torch.testing.assert_close(_run(unet, inputs), base, rtol=0, atol=0, msg="restore must be exact")

@@ -12,13 +12,14 @@ from transformers import (CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPText
 
 from hyperlora.tokenizer import clip_tokenizer
 from hyperlora.toy.cards import read_model_card, write_model_card
-from hyperlora.toy.clip import (CLIPTrainConfig, HardBatches, attribute_prompts, evaluate_clip, pixel_values,
-                                train_clip)  # fmt: skip
+from hyperlora.toy.clip import (CLIPTrainConfig, HardBatches, attribute_prompts, evaluate_clip, partial_caption,
+                                pixel_values, train_clip)  # fmt: skip
+from hyperlora.toy.data import attributes_of
 from hyperlora.toy.render import LOOK_ATTRIBUTES, render_sample
 from hyperlora.toy.vae import VAETrainConfig, evaluate_vae, psnr, train_vae
 
 PROMPTS = ["fcsks fxhks fhyks, a portrait of a person with curly red hair, wearing a teal hoodie", "a bald person!"]
-SMOKE_CLIP = CLIPTrainConfig.smoke(eval_every=2, val_identities=4)
+SMOKE_CLIP = CLIPTrainConfig.smoke(eval_every=2, val_identities=4, partial_captions=0.5)
 CARD_KEYS = {"config", "command", "git_commit", "train_seconds", "figures", "gates", "weights_mb"}
 
 
@@ -89,6 +90,19 @@ def test_attribute_prompts_cover_every_value():
         prompts = attribute_prompts(attribute)
         assert list(prompts) == values and all(prompts.values()), attribute
         assert len({tuple(p) for p in prompts.values()}) == len(values), f"{attribute}: two values share prompts"
+
+
+def test_partial_captions_only_say_what_the_full_caption_says():
+    rng = np.random.default_rng(0)
+    lengths = []
+    for i in range(60):
+        render = render_sample(i, 0, seed=1)
+        text = partial_caption(attributes_of(render), rng)
+        prefix = {"portrait", "photo", "picture"}
+        extra = set(text.replace(",", "").split()) - set(render.caption.replace(",", "").split()) - prefix
+        assert not extra, f"{text!r} says {extra}, not in {render.caption!r}"
+        lengths.append(len(text) / len(render.caption))
+    assert 0.2 < np.mean(lengths) < 0.8
 
 
 def test_hard_batches_share_an_attribute_and_never_repeat_an_image():

@@ -8,6 +8,11 @@ vision tower's `hidden_states[-2]` are the hypernetwork's CLIP image features
 standard loader reads it offline. Weights are stored in float16 (the vocabulary's 49,408
 embeddings dominate the size): load with `dtype=torch.float32` to run on a CPU.
 
+Training is CLIP's symmetric InfoNCE with a learnable temperature (AdamW, cosine schedule) over
+pre-rendered training renders. Two options aim at zero-shot use: `HardBatches` (batches whose
+images share some look attributes) and `partial_caption` (captions naming only a random subset of
+the attributes, like the short zero-shot prompts).
+
 Gate (`evaluate_clip`): zero-shot classification of every look attribute on held-out ('test')
 identities, >= 95 % averaged over attributes, with CLIP-style prompt ensembles in caption words.
 """
@@ -32,7 +37,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..tokenizer import clip_tokenizer
 from .cards import write_model_card
 from .data import ToyPortraits, render_arrays
-from .identity import BACKGROUND_PHRASES, EXPRESSION_PHRASES, HAIR_PHRASES, LOOK_ATTRIBUTES
+from .identity import BACKGROUND_PHRASES, CAPTION_PREFIXES, EXPRESSION_PHRASES, HAIR_PHRASES, LOOK_ATTRIBUTES
 from .render import split_identities
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,7 @@ class CLIPTrainConfig:
     grad_clip: float = 1.0  # max gradient norm
     hard_batches: float = 0.5  # share of batches whose images share 1..hard_fixed look attributes (see HardBatches)
     hard_fixed: int = 2  # most attributes held fixed in a hard batch
+    partial_captions: float = 0.0  # share of captions rebuilt each step from a random subset of attributes
     init_logit_scale: float = math.log(1 / 0.07)  # learnable temperature, CLIP's initial value
     max_logit_scale: float = 100.0  # clamp on exp(logit_scale) after every step, as in CLIP
     seed: int = 0  # model initialisation and batch order
@@ -187,13 +193,49 @@ class HardBatches(torch.utils.data.Sampler):
                 yield self.rng.choice(len(self.attributes), self.batch_size, replace=False).tolist()
 
 
-def _training_data(config: CLIPTrainConfig, tokenizer: CLIPTokenizer) -> tuple[torch.utils.data.Dataset, list]:
+def partial_caption(attributes: dict[str, str], rng: np.random.Generator, keep: float = 0.5) -> str:
+    """A caption in the captions' words that names a random subset of the visible look attributes
+    (each clause kept with probability `keep`, at least one): short texts like the zero-shot prompts."""
+    a = attributes
+
+    def maybe(word: str) -> str:  # a colour, kept with probability `keep`
+        return word if rng.random() < keep else ""
+
+    def words(text: str) -> str:  # drop the double spaces a dropped colour leaves
+        return " ".join(text.split())
+
+    bald, glasses = a["hairstyle"] == "bald", a["glasses"] != "none"
+    clauses = {
+        "hair": "" if bald else words(HAIR_PHRASES[a["hairstyle"]].format(maybe(a["hair_colour"]))),
+        "glasses": words(f"{a['glasses']} {maybe(a['glasses_colour'])} glasses") if glasses else "",
+        "clothing": _an(words(f"{maybe(a['clothing_colour'])} {a['clothing_type']}")),
+        "expression": EXPRESSION_PHRASES[a["expression"]],
+        "background": words(BACKGROUND_PHRASES[a["background_pattern"]].format(maybe(a["background_colour"]))),
+        "bald": "bald" if bald else "",
+    }
+    kept = {name for name, text in clauses.items() if text and rng.random() < keep}
+    kept = kept or {str(rng.choice([name for name, text in clauses.items() if text]))}
+    c = {name: clauses[name] if name in kept else "" for name in clauses}
+    person = ("a bald person" if c["bald"] else "a person") + (f" with {c['hair']}" if c["hair"] else "")
+    worn = [w for w in (c["glasses"], c["clothing"]) if w]
+    parts = [f"{CAPTION_PREFIXES[rng.integers(len(CAPTION_PREFIXES))]} {person}"]
+    parts += [f"wearing {' and '.join(worn)}"] * bool(worn) + [c["expression"]] * bool(c["expression"])
+    parts += [f"in front of {c['background']}"] * bool(c["background"])
+    return ", ".join(parts)
+
+
+def _training_data(config: CLIPTrainConfig) -> tuple[torch.utils.data.Dataset, dict]:
     data = ToyPortraits(split_identities("train", config.num_train), config.images_per_identity, config.data_seed,
                         size=config.image_size)  # fmt: skip
     arrays = render_arrays(data)
-    tokens = tokenizer(arrays["captions"], padding="longest", truncation=True, max_length=77, return_tensors="pt")
-    dataset = torch.utils.data.TensorDataset(pixel_values(arrays["images"]), tokens.input_ids, tokens.attention_mask)
-    return dataset, arrays["attributes"]
+    dataset = torch.utils.data.TensorDataset(pixel_values(arrays["images"]), torch.arange(len(data)))
+    return dataset, arrays
+
+
+def _batch_texts(indices: list[int], arrays: dict, share: float, rng: np.random.Generator) -> list[str]:
+    """The captions of a batch, a `share` of them replaced by partial captions."""
+    return [partial_caption(arrays["attributes"][i], rng) if rng.random() < share else arrays["captions"][i]
+            for i in indices]  # fmt: skip
 
 
 def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool = True) -> Path:
@@ -202,11 +244,11 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
     out_dir = Path(out_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     tokenizer = clip_tokenizer(out_dir)
-    dataset, attributes = _training_data(config, tokenizer)
+    dataset, arrays = _training_data(config)
     if config.batch_size > len(dataset):
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(dataset)} training renders")
-    sampler = HardBatches(attributes, config.batch_size, hard=config.hard_batches, max_fixed=config.hard_fixed,
-                          seed=config.seed)  # fmt: skip
+    sampler = HardBatches(arrays["attributes"], config.batch_size, hard=config.hard_batches,
+                          max_fixed=config.hard_fixed, seed=config.seed)  # fmt: skip
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
     model = build_clip(config)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -216,13 +258,14 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
              len(dataset))  # fmt: skip
     val = _renders("val", config.val_identities, 1, EVAL_SEED, config.image_size) if config.eval_every else None
     start, step, batches, curve, checking = time.time(), 0, iter(loader), [], 0.0
+    caption_rng = np.random.default_rng([config.seed, 1])
     model.train()
     with tqdm(total=config.steps, desc="toy CLIP", mininterval=2) as bar:
         while step < config.steps:
-            images, ids, mask = next(batches)  # HardBatches never runs out
-            width = int(mask.sum(1).max())  # causal text tower: trailing padding changes nothing
-            loss = model(input_ids=ids[:, :width], attention_mask=mask[:, :width], pixel_values=images,
-                         return_loss=True).loss  # fmt: skip
+            images, indices = next(batches)  # HardBatches never runs out
+            texts = _batch_texts(indices.tolist(), arrays, config.partial_captions, caption_rng)
+            tokens = tokenizer(texts, padding="longest", truncation=True, max_length=77, return_tensors="pt")
+            loss = model(**tokens.to(accelerator.device), pixel_values=images, return_loss=True).loss
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
