@@ -126,11 +126,54 @@ def bench_unet(name: str, repeats: int) -> dict:
     }
 
 
+def bench_sdxl(latent: int, repeats: int) -> dict:
+    """The real SDXL UNet architecture (random weights) at a small latent size: base, runtime, fused.
+
+    The hypernetwork's 1.5 B-parameter basis is not built: random rank-8 ID and rank-4 Base LoRAs of
+    the generated shapes stand in for its output, which is all the per-step cost depends on.
+    """
+    from hyperlora.lora import LoRAWeights
+
+    torch.manual_seed(0)
+    config = dict(build_unet("sdxl", device="meta").config)
+    config["sample_size"] = latent
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(config).eval().requires_grad_(False)
+    targets = find_targets(unet)
+    loras = {}
+    for branch, rank in (("id", 8), ("base", 4)):
+        layers = {t.linear_path(k): (torch.randn(1, rank, t.in_features(k)) * 0.01, torch.randn(1, t.out_features(k), rank) * 0.01)
+                  for t in targets for k in LAYER_KEYS}  # fmt: skip
+        loras[branch] = LoRAWeights(layers, rank, rank / 2)
+    inputs = unet_inputs(unet, batch=2)
+    inputs["encoder_hidden_states"] = torch.randn(2, 77, 2048)
+
+    def runtime(**kw):
+        with functional_lora(unet, [loras["id"], loras["base"]], [0.85, 0.25]):
+            return unet(**kw)
+
+    fusion = InPlaceFusion(unet)
+    fuse_ms = _median_ms(lambda: fusion.fuse([loras["id"], loras["base"]], [0.85, 0.25]), repeats=1)
+    fused_time = [_time(unet, inputs) for _ in range(repeats)]
+    fusion.restore()
+    ratios = {"runtime (hooks)": [], "fused in place": []}
+    base_times = []
+    for i in range(repeats):
+        base_times.append(_time(unet, inputs))
+        ratios["runtime (hooks)"].append(_time(runtime, inputs) / base_times[-1])
+        ratios["fused in place"].append(fused_time[i] / base_times[-1])
+    return {"base_s": statistics.median(base_times), "ratios": {k: statistics.median(v) for k, v in ratios.items()},
+            "lora_to_in_place_ms": fuse_ms, "modules": len(targets)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unets", nargs="+", default=["tiny", "mid"])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sdxl-latent", type=int, default=0, help="also time the SDXL architecture at this latent size (10 GB RAM)")
+    parser.add_argument("--sdxl-repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -142,6 +185,12 @@ def main() -> None:
             print(f"  {key:<22} {ratio:6.3f} x base")
         print(f"  coefficients -> LoRA matrices   {r['coefficients_to_lora_ms']:8.1f} ms")
         print(f"  LoRA -> fused UNet (diffusers)  {r['lora_to_fused_unet_ms']:8.1f} ms")
+        print(f"  LoRA -> fused UNet (in place)   {r['lora_to_in_place_ms']:8.1f} ms")
+    if args.sdxl_latent:
+        r = bench_sdxl(args.sdxl_latent, args.sdxl_repeats)
+        print(f"\nsdxl UNet (random weights), {r['modules']} modules, latents {args.sdxl_latent}x{args.sdxl_latent}: base step {r['base_s']:.1f} s")
+        for key, ratio in r["ratios"].items():
+            print(f"  {key:<22} {ratio:6.3f} x base")
         print(f"  LoRA -> fused UNet (in place)   {r['lora_to_in_place_ms']:8.1f} ms")
     print("\nFLOPs of one UNet step (batch 2, 77 text tokens) and the share a runtime LoRA (rank 8 + 4) adds:")
     for name in ["tiny", "mid", "sdxl"]:
