@@ -14,6 +14,19 @@ from pathlib import Path
 
 ENCODER_TYPES = ("clip", "arcface")
 
+def strict_from_dict(cls, values: dict):
+    """`cls(**values)` for a dataclass, raising on keys that are not fields (no setting is dropped silently).
+
+    JSON lists become tuples where the field's default is a tuple, so configs round-trip through JSON.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(fields)}")
+    values = {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v for k, v in values.items()}
+    return cls(**values)
+
+
 # Each target attention module owns 8 resampler queries: (down, up) for to_q, to_k, to_v, to_out.
 TOKENS_PER_MODULE = 8
 
@@ -67,11 +80,7 @@ class HyperLoRAConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "HyperLoRAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown HyperLoRAConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return strict_from_dict(cls, values)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextCon
                           CLIPVisionConfig, get_cosine_schedule_with_warmup)  # fmt: skip
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from ..config import strict_from_dict
 from ..tokenizer import clip_tokenizer
 from .cards import write_model_card
 from .data import ToyPortraits, render_arrays
@@ -99,10 +100,7 @@ class CLIPTrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "CLIPTrainConfig":
         """The config of a model card (`read_model_card(folder)["config"]`); unknown keys raise."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown CLIPTrainConfig keys {sorted(unknown)}")
-        return cls(**values)
+        return strict_from_dict(cls, values)
 
 
 def build_clip(config: CLIPTrainConfig) -> CLIPModel:

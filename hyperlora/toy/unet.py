@@ -19,7 +19,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
+from ..config import strict_from_dict
 from ..targets import find_targets
 from .cards import read_model_card, write_model_card
 from .data import ToyPortraits, render_arrays, to_tensor
@@ -82,12 +83,7 @@ class UNetTrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> UNetTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown UNetTrainConfig keys {sorted(unknown)}; known: {sorted(known)}")
-        tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
-        return cls(**{**values, **tuples})
+        return strict_from_dict(cls, values)
 
 
 def build_toy_unet(config: UNetTrainConfig, *, cross_attention_dim: int, pooled_dim: int) -> UNet2DConditionModel:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..config import strict_from_dict
 from .cards import write_model_card
 from .data import ToyPortraits, render_arrays, to_uint8
 from .render import split_identities
@@ -95,10 +96,7 @@ class VAETrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "VAETrainConfig":
         """The config of a model card (`read_model_card(folder)["config"]`); unknown keys raise."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VAETrainConfig keys {sorted(unknown)}")
-        return cls(**values)
+        return strict_from_dict(cls, values)
 
 
 def build_vae(config: VAETrainConfig) -> AutoencoderKL:
