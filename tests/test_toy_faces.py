@@ -11,7 +11,7 @@ from hyperlora.toy.face_detector import (
     INPUT_SIZE, DetectorTrainConfig, FaceDetector, TinyDetector, faceless, positive_matrix, sample_batch, render_pool,
 )
 from hyperlora.toy.face_recognizer import RecognizerTrainConfig, arcface_logits, load_recognizer
-from hyperlora.toy.faces import FaceEvalConfig, evaluate_faces, train_detector, train_recognizer
+from hyperlora.toy.faces import FaceEvalConfig, evaluate_faces, load_weights, train_detector, train_recognizer
 from hyperlora.toy.render import render_sample, split_identities
 
 
@@ -53,10 +53,10 @@ def test_detector_finds_one_face_and_answers_in_pixels_at_any_size(model_dir, re
 
 
 def test_checkpoint_reloads_and_matches_the_onnx_file(model_dir, render):
-    saved = torch.load(model_dir / "detector.pt")
-    config = DetectorTrainConfig(**saved["config"])
+    saved_config, state = load_weights(model_dir / "detector.safetensors")
+    config = DetectorTrainConfig(**saved_config)
     model = TinyDetector(width=config.width, hidden=config.hidden)
-    model.load_state_dict(saved["state_dict"])
+    model.load_state_dict(state)
     pixels = torch.from_numpy(render.image).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         out = model.eval()(pixels)[0].numpy()

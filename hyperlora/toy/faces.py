@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .cards import config_dict, git_commit, read_model_card, write_model_card
 from .face_backend import DETECTOR_FILE, RECOGNIZER_FILE, require_file
@@ -85,24 +87,34 @@ def _record(out_dir: Path, name: str, config, history: dict) -> dict:
     return record
 
 
-def train_detector(config: DetectorTrainConfig, out_dir) -> dict:
-    """Train, save detector.pt (weights + config) and detector.onnx, write detector_train.json; returns the record."""
+def _save_weights(model: torch.nn.Module, config, path: Path) -> None:
+    """Weights as safetensors with the training config in the metadata: reloads with nothing else."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"config": json.dumps(config_dict(config))})
+
+
+def load_weights(path: Path) -> tuple[dict, dict]:
+    """(config dict, state dict) of a `_save_weights` file."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["config"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _train(name: str, fit, export, config, out_dir) -> dict:
+    """Train, save <name>.safetensors (weights + config) and <name>.onnx, write <name>_train.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, history = fit_detector(config)
-    torch.save({"config": config_dict(config), "state_dict": model.state_dict()}, out_dir / "detector.pt")
-    export_detector(model, config, out_dir / DETECTOR_FILE)
-    return _record(out_dir, "detector", config, history)
+    model, history = fit(config)
+    _save_weights(model, config, out_dir / f"{name}.safetensors")
+    export(model, config, out_dir / f"{name}.onnx")
+    return _record(out_dir, name, config, history)
+
+
+def train_detector(config: DetectorTrainConfig, out_dir) -> dict:
+    return _train("detector", fit_detector, export_detector, config, out_dir)
 
 
 def train_recognizer(config: RecognizerTrainConfig, out_dir) -> dict:
-    """Train, save recognizer.pt (weights + config) and recognizer.onnx, write recognizer_train.json; returns it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, history = fit_recognizer(config)
-    torch.save({"config": config_dict(config), "state_dict": model.state_dict()}, out_dir / "recognizer.pt")
-    export_recognizer(model, config, out_dir / RECOGNIZER_FILE)
-    return _record(out_dir, "recognizer", config, history)
+    return _train("recognizer", fit_recognizer, export_recognizer, config, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
