@@ -1,0 +1,199 @@
+"""The methods the protocol scores, in one table: HyperLoRA and its floor, ceiling and tuning baseline.
+
+- `hyperlora`: the hypernetwork predicts a LoRA from the references, fused once per identity
+  (a checkpoint folder, or a freshly initialised and therefore UNTRAINED one: zero up bases, so its
+  LoRA is zero and it scores as the base model with trigger words).
+- `base`: the base model without personalisation, the same seeds: the floor.
+- `renders`: real toy renders of the same identity with the prompt's look, scored as if generated:
+  the ceiling for ID similarity (what a perfect generator of this person would get).
+- `dreambooth`: a per-identity LoRA (peft, `unet.add_adapter(LoraConfig(...))` as diffusers'
+  DreamBooth-LoRA script) fine-tuned on the references with a rare token, scored at several
+  cumulative step counts with the wall time each took, so fidelity against time sits beside
+  HyperLoRA's personalisation time.
+
+A method yields `(variant, timings, generate)` per identity from `variants(identity)`;
+`generate(prompt, seeds) -> uint8 [N, H, W, 3]`, or None for "the no-LoRA images themselves".
+Whatever a method loads into the shared pipeline it removes when its variants are exhausted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hyperlora.toy.render import render, sample_look
+
+from .protocol import EvalConfig, eval_seed
+
+logger = logging.getLogger(__name__)
+
+DREAMBOOTH_TOKEN = "sks"  # the rare token of diffusers' DreamBooth examples
+DREAMBOOTH_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the same attention linears HyperLoRA targets
+ADAPTER = "dreambooth"
+
+
+class Method:
+    """What the protocol needs from a method."""
+
+    name = ""
+    compares_to_base = True  # score disruption / non-face preservation against the no-LoRA images
+    plumbing_only = False  # its own weights make the numbers plumbing (e.g. an untrained HyperLoRA)
+    source = "generated"  # what its images are: "generated" by the pipeline, or "render" (ground truth)
+    label = ""
+
+    def variants(self, identity: dict) -> Iterator[tuple[str, dict, object]]:
+        raise NotImplementedError
+
+
+class BaseModel(Method):
+    name, label = "base", "base model, no personalisation (floor)"
+
+    def __init__(self, config: EvalConfig, world):
+        pass
+
+    def variants(self, identity):
+        yield "base", {"total_ms": 0.0}, None
+
+
+class Renders(Method):
+    name, label, compares_to_base = "renders", "real toy renders of the identity (ceiling; no model)", False
+    source = "render"
+
+    def __init__(self, config: EvalConfig, world):
+        if world.world != "toy":
+            raise ValueError("the renders baseline exists only in the toy world (it needs the renderer)")
+        self.size = config.size
+
+    def variants(self, identity):
+        def generate(prompt, seeds):
+            looks = [sample_look(np.random.default_rng(s), **prompt.attributes) for s in seeds]
+            return np.stack([render(identity["id"], look, self.size).image for look in looks])
+
+        yield "renders", {"total_ms": 0.0}, generate
+
+
+class HyperLoRAMethod(Method):
+    name = "hyperlora"
+
+    def __init__(self, config: EvalConfig, world):
+        from hyperlora import HyperLoRA, find_targets, preset
+        from hyperlora.checkpoint import load_checkpoint
+        from hyperlora.conditioning.backends import make_face_analyzer
+        from hyperlora.conditioning.clip_features import ClipImageEncoder
+        from hyperlora.conditioning.references import Conditioner
+        from hyperlora.pipeline import PersonalizedPipeline
+
+        self.config = config
+        analyzer = make_face_analyzer(config.face_backend, **world.backend_kwargs(config.face_backend))
+        clip = ClipImageEncoder(world.dir / "clip", world="toy")
+        if config.checkpoint:
+            model = load_checkpoint(config.checkpoint, unet=world.pipe.unet)
+            self.label = f"hyperlora checkpoint {config.checkpoint}"
+        else:
+            torch.manual_seed(config.seed)
+            model_config = preset("tiny", dim=clip.hidden_size, id_embed_dim=analyzer.embedding_dim,
+                                  has_base_lora=config.base_scale > 0)  # fmt: skip
+            model = HyperLoRA(model_config, find_targets(world.pipe.unet)).eval()
+            self.label, self.plumbing_only = "hyperlora UNTRAINED (fresh init, no checkpoint): NOT a result", True
+            logger.warning("*** no HyperLoRA checkpoint: evaluating a freshly initialised, UNTRAINED hypernetwork ***")
+        with_base = config.base_scale > 0 and model.config.has_base_lora
+        conditioner = Conditioner(analyzer, clip, with_base=with_base, min_face_size=config.min_face_size)
+        self.personalized = PersonalizedPipeline(world.pipe, model, conditioner)
+        self.world = world
+
+    def variants(self, identity):
+        from hyperlora.conditioning.references import NoUsableReferenceError
+        from hyperlora.pipeline import with_trigger
+
+        images = [Image.fromarray(image) for image in identity["images"]]
+        try:
+            c = self.config
+            result = self.personalized.personalize(images, id_scale=c.id_scale, base_scale=c.base_scale)
+            timings = {f"{k}_ms": v for k, v in result.timings_ms.items()} | {"failed": False}
+        except NoUsableReferenceError as err:  # scored as the base model with trigger words; counted in the summary
+            logger.warning("identity %s: personalisation failed (%s)", identity["id"], err)
+            timings = {"total_ms": float("nan"), "failed": True}
+        trigger = self.personalized.trigger_words
+
+        def generate(prompt, seeds):  # the LoRA is fused into the shared pipeline's UNet
+            return self.world.generate(with_trigger(prompt.text, trigger), seeds)
+
+        try:
+            yield "hyperlora", timings, generate
+        finally:
+            self.personalized.reset()
+
+
+class DreamBooth(Method):
+    name = "dreambooth"
+    label = "dreambooth LoRA fine-tuned per identity on the references (tuning baseline)"
+
+    def __init__(self, config: EvalConfig, world):
+        self.config, self.world, self.counts = config, world, config.step_counts()
+
+    def _data(self, identity: dict) -> dict:
+        """The references as scaled VAE latents and the instance prompt's text states (frozen parts, once)."""
+        pipe, size = self.world.pipe, self.config.size
+        pixels = torch.from_numpy(identity["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        instance = f"{DREAMBOOTH_TOKEN}, a portrait of a person"  # DreamBooth's "a [V] [class]" prompt
+        embeds, _, pooled, _ = pipe.encode_prompt(instance, device="cpu", num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)  # fmt: skip
+        n = len(latents)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(n, 1)
+        return {"latents": latents, "encoder_hidden_states": embeds.expand(n, -1, -1),
+                "text_embeds": pooled.expand(n, -1), "time_ids": time_ids}  # fmt: skip
+
+    def variants(self, identity):
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
+
+        from hyperlora.toy.pipeline import NOISE_SCHEDULE
+        from hyperlora.toy.unet import diffusion_loss
+
+        unet, c = self.world.pipe.unet, self.config
+        torch.manual_seed(eval_seed(c.seed, identity["id"], 1))  # the LoRA's initialisation
+        unet.add_adapter(LoraConfig(r=c.dreambooth_rank, lora_alpha=c.dreambooth_rank, init_lora_weights="gaussian",
+                                    target_modules=DREAMBOOTH_TARGETS), adapter_name=ADAPTER)  # fmt: skip
+        try:
+            start = time.perf_counter()
+            batch = self._data(identity)
+            params = [p for name, p in unet.named_parameters() if "lora" in name]
+            optimizer = torch.optim.AdamW(params, lr=c.dreambooth_lr)
+            scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+            generator = torch.Generator().manual_seed(eval_seed(c.seed, identity["id"], 2))  # noise and timesteps
+            elapsed, done = time.perf_counter() - start, 0
+            for count in self.counts:
+                start = time.perf_counter()
+                with torch.enable_grad():
+                    for p in params:
+                        p.requires_grad_(True)
+                    for _ in range(count - done):
+                        loss = diffusion_loss(unet, scheduler, batch, generator, None)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                    for p in params:
+                        p.requires_grad_(False)
+                elapsed, done = elapsed + time.perf_counter() - start, count
+                timings = {"train_ms": 1000 * elapsed, "dreambooth_steps": count, "final_loss": float(loss)}
+                yield f"dreambooth@{count}", timings, self._generate
+        finally:
+            unet.delete_adapters(ADAPTER)
+
+    def _generate(self, prompt, seeds):
+        return self.world.generate(f"{DREAMBOOTH_TOKEN}, {prompt.text}", seeds)
+
+
+METHOD_CLASSES = {"hyperlora": HyperLoRAMethod, "base": BaseModel, "renders": Renders, "dreambooth": DreamBooth}
+
+
+def make_method(name: str, config: EvalConfig, world) -> Method:
+    if name not in METHOD_CLASSES:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHOD_CLASSES)}")
+    return METHOD_CLASSES[name](config, world)

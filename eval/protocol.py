@@ -1,0 +1,478 @@
+"""The evaluation protocol (peers-and-protocols §2): held-out identities -> personalise -> generate -> score.
+
+    summary = run_evaluation(EvalConfig(world="toy", methods="hyperlora,base,renders"), "runs/eval/x")
+
+Per held-out identity ('test' split) the toy world renders `num_references` reference photos whose
+looks differ from every look the selected prompts ask for (so look leakage is measurable), each
+method personalises once (timed apart from generation), and every prompt is generated with
+`seeds_per_prompt` dedicated generators seeded from (seed, identity, prompt index, seed index), so a
+rerun is identical. The same seeds without any LoRA (and without trigger words or rare tokens: the
+base model as a user would run it) give PuLID's disruption CLIP-I and the non-face LPIPS; the toy
+CLIP's zero-shot classifiers predict the look attributes for leakage and adherence. Metrics are
+eval/metrics.py's; this file gathers features, records and summaries. Methods: eval/baselines.py.
+
+out_dir gets config.json (with the command line and git commit), records.jsonl (one row per image),
+summary.json + summary.csv (one row per method variant) and grid_<variant>.png
+(references | one generation per prompt, a row per identity). Every summary row carries `weights`
+and `label`: until the toy models pass their gates and a trained HyperLoRA exists, the numbers are
+plumbing checks, not results.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import metrics
+from hyperlora.toy.identity import LOOK_ATTRIBUTES, split_identities
+from hyperlora.toy.render import render, sample_look, visible_attributes
+
+from .prompts import Prompt, load_prompts
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("hyperlora", "base", "renders", "dreambooth")
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run; saved as config.json in the run folder."""
+
+    world: str = "toy"  # "toy" (ground truth, CPU) or "sdxl" (not wired yet: needs reference photo sets)
+    methods: str = "hyperlora"  # comma-separated subset of METHODS, scored into one table
+    num_identities: int = 8  # the first n identities of the held-out 'test' split
+    num_references: int = 2  # reference photos per identity (HyperLoRA averages their coefficients)
+    seeds_per_prompt: int = 4  # PuLID: 4 images per identity and prompt; >= 2 for LPIPS diversity
+    prompts: str = "all"  # "all" or comma-separated indices into data/eval/prompts.json of the world
+    steps: int = 20  # sampling steps (DPM++ 2M Karras)
+    guidance: float = 5.0  # classifier-free guidance; HyperLoRA's usable range is 3-7
+    size: int = 64  # image side in pixels (toy: 64)
+    id_scale: float = 0.85  # ID-LoRA scale at personalisation
+    base_scale: float = 0.0  # Base-LoRA scale (0: ID only, as the release)
+    toy_dir: str = "data/toy"  # toy models: clip/ faces/ sdxl/ (python -m hyperlora.toy build)
+    sdxl_path: str = ""  # sdxl world: diffusers SDXL folder
+    clip_path: str = ""  # sdxl world: CLIP ViT-L/14 folder
+    checkpoint: str = ""  # HyperLoRA checkpoint folder; empty: a freshly initialised, UNTRAINED one
+    face_backend: str = "toy"  # conditioning face backend (toy | dlib | antelopev2)
+    judge_backend: str = "toy"  # ID-similarity judge; should differ from the conditioning one in sdxl
+    min_face_size: float = 8.0  # px; toy faces are ~25 px wide at 64 px
+    det_threshold: float = 0.5  # toy detector score threshold (smoke detectors need 0 to find anything)
+    dreambooth_steps: str = "50,100,200"  # comma-separated cumulative step counts to score
+    dreambooth_rank: int = 4
+    dreambooth_lr: float = 1e-3
+    seed: int = 0  # evaluation seed: references and generators derive from it
+    smoke: bool = False  # tiny sizes; marks every figure as plumbing
+
+    def method_list(self) -> list[str]:
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        unknown = set(names) - set(METHODS)
+        if unknown or not names:
+            raise ValueError(f"methods must be a comma-separated subset of {METHODS}, got {self.methods!r}")
+        return names
+
+    def step_counts(self) -> list[int]:
+        counts = sorted({int(s) for s in self.dreambooth_steps.split(",") if s.strip()})
+        if not counts or counts[0] < 1:
+            raise ValueError(f"dreambooth_steps must list positive step counts, got {self.dreambooth_steps!r}")
+        return counts
+
+    def selected_prompts(self) -> list[tuple[int, Prompt]]:
+        prompts = load_prompts(self.world)
+        if self.prompts == "all":
+            return list(enumerate(prompts))
+        indices = [int(i) for i in self.prompts.split(",")]
+        bad = [i for i in indices if not 0 <= i < len(prompts)]
+        if bad:
+            raise ValueError(f"prompt indices {bad} out of range: {self.world} has {len(prompts)} prompts")
+        return [(i, prompts[i]) for i in indices]
+
+
+def eval_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (seed, identity, prompt index, seed index): the dedicated generator's."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def git_commit() -> str:
+    try:
+        def git(*args: str) -> str:
+            done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+            return done.stdout.strip()
+
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy world: models, references, generation
+
+
+def reference_look_values(identity: int, prompts: list[Prompt], seed: int) -> dict[str, str]:
+    """Categorical look values for an identity's references, none equal to a value any selected prompt asks for."""
+    rng = np.random.default_rng([seed, identity, 7])
+    asked: dict[str, set] = {}
+    for prompt in prompts:
+        for name, value in prompt.attributes.items():
+            asked.setdefault(name, set()).add(value)
+    values = {}
+    for name, options in LOOK_ATTRIBUTES.items():
+        allowed = [o for o in options if o not in asked.get(name, ())]
+        if name == "glasses" and asked.get("glasses_colour"):
+            allowed = [o for o in allowed if o != "none"] or allowed  # glasses on, so their colour can leak
+        if not allowed:
+            raise ValueError(f"the selected prompts ask for every value of {name}: no reference look can differ")
+        values[name] = str(rng.choice(allowed))
+    return values
+
+
+class ToyWorld:
+    """The toy models (pipeline, CLIP, faces) loaded from `config.toy_dir`, and the held-out identities."""
+
+    world = "toy"
+
+    def __init__(self, config: EvalConfig):
+        from hyperlora.conditioning.backends import make_face_analyzer
+        from hyperlora.toy.pipeline import clip_judge, load_toy_pipeline
+
+        from .extractors import ClipExtractor, FaceEmbeddingExtractor, LPIPSModel
+
+        self.config, self.dir = config, Path(config.toy_dir)
+        self.pipe = load_toy_pipeline(self.dir / "sdxl")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.clip = ClipExtractor(self.dir / "clip")
+        analyzer = make_face_analyzer(config.judge_backend, **self.backend_kwargs(config.judge_backend))
+        self.face_judge = FaceEmbeddingExtractor(analyzer, min_face_size=config.min_face_size)
+        self.attribute_judge = clip_judge(self.dir / "clip")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the random-trunk warning: recorded as lpips_real in the summary
+            self.lpips = LPIPSModel(seed=config.seed)
+        self.identities = split_identities("test")
+        self.prompts = [p for _, p in config.selected_prompts()]
+        self.label = self._label()
+
+    def backend_kwargs(self, name: str) -> dict:
+        return {"model_dir": self.dir / "faces", "det_threshold": self.config.det_threshold} if name == "toy" else {}
+
+    def _label(self) -> str:
+        """Whether the toy base model passed its quality gates (its model card says), and whether this is a smoke run."""
+        card = self.dir / "sdxl" / "model_card.json"
+        self.gates_passed = bool(card.is_file() and json.loads(card.read_text()).get("passed"))
+        state = "passed their quality gates" if self.gates_passed else "NOT at their quality gates (smoke/untrained)"
+        return f"toy models at {self.dir}: {state}" + (", smoke-size evaluation" if self.config.smoke else "")
+
+    @property
+    def plumbing_only(self) -> bool:
+        """True while the numbers can only check plumbing (toy models below their gates, or a smoke run)."""
+        return not self.gates_passed or self.config.smoke
+
+    def identity(self, index: int) -> dict:
+        """References of held-out identity `index` (one categorical look, varied pose and light) and their features."""
+        identity = int(self.identities[index])
+        values = reference_look_values(identity, self.prompts, self.config.seed)
+        renders = [render(identity, sample_look(np.random.default_rng([self.config.seed, identity, r]), **values),
+                          self.config.size) for r in range(self.config.num_references)]  # fmt: skip
+        images = np.stack([r.image for r in renders])
+        faces = [e for e in self.face_judge(images) if e is not None]
+        crops = [r.image[max(int(r.box[1]), 0) : int(r.box[3]) + 1, max(int(r.box[0]), 0) : int(r.box[2]) + 1]
+                 for r in renders]  # fmt: skip
+        clip = torch.nn.functional.normalize(self.clip(crops).mean(0), dim=-1)
+        face = np.mean(faces, 0) if faces else None
+        return {"id": identity, "images": images, "attributes": visible_attributes(renders[0].look),
+                "face_embedding": None if face is None else face / np.linalg.norm(face), "clip_embedding": clip,
+                "mean_mask": np.mean([r.mask for r in renders], 0) > 0.5, "n_reference_faces": len(faces)}  # fmt: skip
+
+    def generate(self, text: str, seeds: list[int]) -> np.ndarray:
+        """uint8 [N, H, W, 3] from the shared pipeline as it stands (with whatever LoRA a method loaded into it);
+        image i comes from its own generator seeded with seeds[i], so it does not depend on the batch."""
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        out = self.pipe([text] * len(seeds), num_inference_steps=self.config.steps, guidance_scale=self.config.guidance,
+                   height=self.config.size, width=self.config.size, generator=generators, output_type="np")  # fmt: skip
+        return (np.asarray(out.images) * 255).round().astype(np.uint8)
+
+
+def build_smoke_toy(out_dir: str | Path) -> Path:
+    """Plumbing-only toy models in seconds: the build's smoke CLIP, faces and VAE, an UNTRAINED tiny UNet, assembled.
+
+    SDXL concatenates both text encoders' states: cross_attention_dim = 2 x the toy CLIP width; pooled = projection.
+    Their detector finds nothing at the default threshold: evaluate with det_threshold=0, min_face_size=0.
+    """
+    from hyperlora.toy.build import build
+    from hyperlora.toy.pipeline import assemble_pipeline
+    from hyperlora.toy.unet import UNetTrainConfig, build_toy_unet
+    from transformers import CLIPConfig
+
+    out = Path(out_dir)
+    outcomes = build(out, smoke=True, only=["clip", "faces", "vae"])
+    failed = {k: v for k, v in outcomes.items() if not v.startswith("done")}
+    if failed:
+        raise RuntimeError(f"smoke toy build failed: {failed}")
+    text = CLIPConfig.from_pretrained(out / "clip")
+    torch.manual_seed(0)
+    config = UNetTrainConfig.smoke(block_out_channels=(16, 32), attention_heads=(1, 2),
+                                   transformer_layers_per_block=(1, 1), layers_per_block=1)  # fmt: skip
+    unet = build_toy_unet(config, cross_attention_dim=2 * text.text_config.hidden_size, pooled_dim=text.projection_dim)
+    unet.save_pretrained(out / "unet")
+    assemble_pipeline(out / "unet", out / "sdxl", clip_path=out / "clip", vae_path=out / "vae")
+    return out
+
+
+def load_world(config: EvalConfig):
+    if config.world == "toy":
+        return ToyWorld(config)
+    raise NotImplementedError(f"world {config.world!r}: only the toy world is wired into the protocol so far "
+                              "(sdxl needs held-out reference photo sets and a judge face model)")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Features of one (identity, prompt) batch -> per-image records
+
+
+def _face_masks(world, images: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Bool [N, H, W]: the judge's detected face box per image, else the references' mean face mask."""
+    masks = np.repeat(fallback[None], len(images), 0)
+    for i, image in enumerate(images):
+        faces = world.face_judge.analyzer.detect(Image.fromarray(image))
+        if faces:
+            x0, y0, x1, y1 = (int(round(v)) for v in faces[0].bbox)
+            masks[i] = False
+            masks[i, max(y0, 0) : y1, max(x0, 0) : x1] = True
+    return masks
+
+
+def score_batch(world, identity: dict, prompt: Prompt, images: np.ndarray, baseline: np.ndarray | None) -> list[dict]:
+    """Per-image metric values of one identity's generations for one prompt (seeds in order)."""
+    gen_faces = world.face_judge(images)
+    detected = [e is not None for e in gen_faces]
+    if identity["face_embedding"] is None:
+        id_sim = [float("nan")] * len(images)  # no reference face found: ID similarity undefined for this identity
+    else:
+        id_sim = metrics.id_similarity(identity["face_embedding"], gen_faces)["per_image"].tolist()
+    clip = world.clip(images)
+    text = world.clip.embed_text([prompt.text])[0]
+    rows = [dict(detected=d, id_sim=s) for d, s in zip(detected, id_sim)]
+    for row, t, f in zip(rows, metrics.clip_t(clip, text)["per_image_cosine"],
+                         metrics.clip_i_fidelity(clip, identity["clip_embedding"])["per_image"]):  # fmt: skip
+        row.update(clip_t=float(t), clip_i_fidelity=float(f))
+    if baseline is not None:
+        disruption = metrics.clip_i_disruption(clip, world.clip(baseline))["per_image"]
+        masks = _face_masks(world, images, identity["mean_mask"])
+        preservation = metrics.lpips_preservation(images, baseline, masks, world.lpips)["per_image"]
+        for row, d, p in zip(rows, disruption, preservation):
+            row.update(clip_i_disruption=float(d), lpips_preservation=float(p))
+    if world.attribute_judge is not None:
+        for row, predicted in zip(rows, world.attribute_judge(images)):
+            row["predicted"] = predicted
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _write_config(config: EvalConfig, out: Path, labels: dict) -> None:
+    values = {"config": dataclasses.asdict(config), "command": " ".join(sys.argv), "argv": sys.argv,
+              "git_commit": git_commit(), "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "labels": labels}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(values, indent=2) + "\n")
+
+
+def _evaluate_identity(world, methods: dict, identity: dict, config: EvalConfig, out: Path) -> tuple[list, list]:
+    """Every method variant on one identity: (per-image records, per-variant personalisation timings)."""
+    records, timings, prompts = [], [], config.selected_prompts()
+    seeds = {p: [eval_seed(config.seed, identity["id"], p, s) for s in range(config.seeds_per_prompt)]
+             for p, _ in prompts}  # fmt: skip
+    baseline = {p: world.generate(prompt.text, seeds[p]) for p, prompt in prompts}  # same seeds, no LoRA
+    for name, method in methods.items():
+        for variant, timing, generate in method.variants(identity):
+            timings.append({"variant": variant, "identity": identity["id"], **timing})
+            for p, prompt in prompts:
+                start = time.perf_counter()
+                images = baseline[p] if generate is None else generate(prompt, seeds[p])
+                ms = 1000 * (time.perf_counter() - start) / len(images)
+                rows = score_batch(world, identity, prompt, images, baseline[p] if method.compares_to_base else None)
+                for s, (row, image) in enumerate(zip(rows, images)):
+                    path = out / "images" / variant / f"{identity['id']}_p{p:02d}_s{s}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(image).save(path)
+                    records.append({"method": name, "variant": variant, "source": method.source,
+                                    "identity": identity["id"], "prompt_index": p,
+                                    "prompt": prompt.text, "category": prompt.category, "seed_index": s,
+                                    "eval_seed": seeds[p][s], "prompt_attributes": prompt.attributes,
+                                    "reference_attributes": identity["attributes"], **row,
+                                    "image": str(path.relative_to(out)), "generation_ms": ms})  # fmt: skip
+    return records, timings
+
+
+def run_evaluation(config: EvalConfig, out_dir: str | Path) -> dict:
+    """Run the protocol and write config.json, records.jsonl, summary.json/.csv and grids into out_dir."""
+    from .baselines import make_method
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = load_world(config)
+    methods = {name: make_method(name, config, world) for name in config.method_list()}
+    _write_config(config, out, {"world": world.label} | {name: m.label for name, m in methods.items()})
+    records, timings, identities = [], [], []
+    with torch.no_grad():  # DreamBooth turns gradients on for its own steps
+        for index in range(config.num_identities):
+            identity = world.identity(index)
+            identities.append(identity)
+            r, t = _evaluate_identity(world, methods, identity, config, out)
+            records += r
+            timings += t
+    with open(out / "records.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+    summary = summarize_run(records, timings, methods, world, config, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    _write_csv(out / "summary.csv", summary["rows"])
+    write_grids(out, records, identities)
+    return summary
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k, v in row.items() if not isinstance(v, (dict, list))))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries and grids
+
+PER_IMAGE = ("id_sim", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_preservation")
+
+
+def _seed_matrix(rows: list[dict], key: str) -> np.ndarray | None:
+    """[groups, seeds] of one per-image value, a group per (identity, prompt); groups missing a value are left out."""
+    groups: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        groups.setdefault((r["identity"], r["prompt_index"]), {})[r["seed_index"]] = r.get(key, float("nan"))
+    matrix = [[g[s] for s in sorted(g)] for g in groups.values()]
+    matrix = [m for m in matrix if np.all(np.isfinite(m))]
+    return np.array(matrix, dtype=np.float64) if matrix else None
+
+
+def _attribute_metrics(rows: list[dict]) -> dict:
+    """Toy look leakage and prompt adherence from the attribute judge's predictions (None where undefined)."""
+    if not rows or "predicted" not in rows[0]:
+        return {}
+    predicted, asked = [r["predicted"] for r in rows], [r["prompt_attributes"] for r in rows]
+    out = dict.fromkeys(("leakage_mean", "leakage_per_attribute", "adherence_mean", "adherence_per_attribute"))
+    try:
+        leakage = metrics.look_leakage(predicted, [r["reference_attributes"] for r in rows], asked)
+        out.update(leakage_mean=leakage["leakage_mean"], leakage_per_attribute=leakage["per_attribute"])
+    except ValueError:  # no prompt asked for a value unlike the references': leakage is undefined
+        pass
+    try:
+        adherence = metrics.prompt_adherence(predicted, asked)
+        out.update(adherence_mean=adherence["adherence_mean"], adherence_per_attribute=adherence["per_attribute"])
+    except ValueError:  # no prompt names an attribute
+        pass
+    return out
+
+
+def _diversity(rows: list[dict], out: Path, world) -> dict:
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["identity"], r["prompt_index"]), []).append(np.asarray(Image.open(out / r["image"])))
+    if min(len(g) for g in groups.values()) < 2:
+        return {"lpips_diversity": None}
+    result = metrics.lpips_diversity([np.stack(g) for g in groups.values()], world.lpips)
+    return {"lpips_diversity": result["lpips_diversity"]}
+
+
+def summarize_variant(rows: list[dict], timings: list[dict], method, world, out: Path) -> dict:
+    """One table row: every metric's mean (and spread over seeds), timings and the weights label."""
+    row = {"method": rows[0]["method"], "variant": rows[0]["variant"], "n_images": len(rows),
+           "n_identities": len({r["identity"] for r in rows}), "weights": method.label,
+           "label": "PLUMBING, NOT RESULTS: " + world.label if world.plumbing_only or method.plumbing_only
+           else world.label, "lpips_real": world.lpips.real}  # fmt: skip
+    for key in PER_IMAGE:
+        matrix = _seed_matrix(rows, key)
+        if matrix is None:
+            row[key] = None
+            continue
+        s = metrics.summarize(matrix, seed_axis=1)
+        row.update({key: s["mean"], f"{key}_std": s["std"], f"{key}_seed_std": s["seed_std"], f"{key}_n": s["n"],
+                    f"{key}_seed_means": s["seed_means"]})  # fmt: skip
+    row["clip_t_x100"] = None if row["clip_t"] is None else 100 * row["clip_t"]
+    row["face_failure_rate"] = float(1 - np.mean([r["detected"] for r in rows]))
+    neutral = [r["id_sim"] for r in rows if r["category"] == "neutral" and np.isfinite(r["id_sim"])]
+    row["id_sim_neutral"] = float(np.mean(neutral)) if neutral else None
+    row.update(_diversity(rows, out, world))
+    row.update(_attribute_metrics(rows))
+    for key in sorted({k for t in timings for k in t if k.endswith("_ms")}):
+        values = [t[key] for t in timings if np.isfinite(t.get(key, float("nan")))]
+        row[f"personalize_{key}"] = float(np.mean(values)) if values else None
+    row["personalization_failures"] = sum(bool(t.get("failed")) for t in timings)
+    row["generation_ms_per_image"] = float(np.mean([r["generation_ms"] for r in rows]))
+    if "dreambooth_steps" in timings[0]:
+        row["dreambooth_steps"] = timings[0]["dreambooth_steps"]
+        row["dreambooth_final_loss"] = float(np.mean([t["final_loss"] for t in timings]))
+    return row
+
+
+def summarize_run(records: list[dict], timings: list[dict], methods: dict, world, config: EvalConfig,
+                  out: Path) -> dict:  # fmt: skip
+    """summary.json: the table rows (one per method variant), the timings per identity and the labels."""
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    rows = []
+    for variant in variants:
+        mine = [r for r in records if r["variant"] == variant]
+        rows.append(summarize_variant(mine, [t for t in timings if t["variant"] == variant],
+                                      methods[mine[0]["method"]], world, out))  # fmt: skip
+    return {"world": config.world, "label": rows[0]["label"] if rows else world.label, "rows": rows,
+            "timings": timings, "config": dataclasses.asdict(config)}  # fmt: skip
+
+
+def write_grids(out: Path, records: list[dict], identities: list[dict]) -> list[Path]:
+    """grid_<variant>.png: a row per identity, references then seed 0 of every prompt (2x upscaled)."""
+    paths = []
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        rows = []
+        for identity in identities:
+            mine = sorted((r for r in records if r["variant"] == variant and r["identity"] == identity["id"]
+                           and r["seed_index"] == 0), key=lambda r: r["prompt_index"])  # fmt: skip
+            tiles = list(identity["images"]) + [np.full_like(identity["images"][0], 255)]  # a white gap
+            tiles += [np.asarray(Image.open(out / r["image"]).convert("RGB")) for r in mine]
+            rows.append(np.concatenate(tiles, axis=1))
+        grid = Image.fromarray(np.concatenate(rows, axis=0))
+        path = out / f"grid_{variant.replace('@', '_')}.png"
+        grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
+        paths.append(path)
+    return paths
+
+
+TABLE_COLUMNS = ("id_sim", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_diversity", "lpips_preservation",
+                 "leakage_mean", "adherence_mean")  # fmt: skip
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
+    """The summary rows as a fixed-width text table (variant, metrics, personalisation time, weights)."""
+    head = f"{'variant':<16}" + "".join(f"{c[:12]:>13}" for c in columns) + f"{'personal. ms':>13}  weights"
+    lines = [head]
+    for row in rows:
+        ms = row.get("personalize_total_ms", row.get("personalize_train_ms"))
+        cells = "".join(f"{row[c]:>13.4f}" if isinstance(row.get(c), float) else f"{'-':>13}" for c in columns)
+        lines.append(f"{row['variant']:<16}{cells}{ms if ms is None else round(ms, 1)!s:>13}  {row['weights']}")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The evaluation protocol end to end on smoke-size toy models: files, rerun identity, baselines, labels."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval.metrics import id_similarity
+from hyperlora.conditioning import backends
+from hyperlora.conditioning.faces import Face, FaceAnalyzer
+from eval.protocol import EvalConfig, ToyWorld, build_smoke_toy, eval_seed, format_table, run_evaluation
+from eval.run import config_from_args, parser
+from hyperlora.toy.render import render, sample_look
+
+PLUMBING = "PLUMBING, NOT RESULTS"
+
+
+class CentreFaceAnalyzer(FaceAnalyzer):
+    """A stand-in face backend for untrained toy detectors: one face in the image centre, embedded from its pixels."""
+
+    name, embedding_dim = "centre", 16
+    search_description = "a fixed box in the image centre"
+
+    def detect(self, image):
+        w, h = image.size
+        kps = np.array([[0.4, 0.4], [0.6, 0.4], [0.5, 0.5], [0.42, 0.6], [0.58, 0.6]]) * [w, h]
+        return [Face(bbox=np.array([0.25 * w, 0.2 * h, 0.75 * w, 0.75 * h]), score=1.0, kps=kps)]
+
+    def embed(self, image, face):
+        pixels = np.asarray(image.convert("RGB").resize((4, 4)), dtype=np.float64).ravel()[:16] + 1.0
+        return pixels / np.linalg.norm(pixels)
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_smoke_toy(tmp_path_factory.mktemp("toy"))
+
+
+def smoke_config(toy_dir, **overrides) -> EvalConfig:
+    values = dict(methods="hyperlora,base,renders,dreambooth", num_identities=1, num_references=2, seeds_per_prompt=2,
+                  prompts="0,1", steps=2, toy_dir=str(toy_dir), dreambooth_steps="1,2", det_threshold=0.0,
+                  min_face_size=0.0, smoke=True)  # fmt: skip
+    return EvalConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def first_run(toy_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_a")
+    return out, run_evaluation(smoke_config(toy_dir), out)
+
+
+def read_records(out):
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_every_file_and_labels_every_row(first_run):
+    out, summary = first_run
+    for name in ("config.json", "records.jsonl", "summary.json", "summary.csv", "grid_hyperlora.png",
+                 "grid_renders.png", "grid_dreambooth_2.png"):  # fmt: skip
+        assert (out / name).is_file(), f"{name} missing"
+    config = json.loads((out / "config.json").read_text())
+    assert config["git_commit"] and "command" in config and config["config"]["smoke"] is True
+    variants = [row["variant"] for row in summary["rows"]]
+    assert variants == ["hyperlora", "base", "renders", "dreambooth@1", "dreambooth@2"]
+    for row in summary["rows"]:
+        assert row["label"].startswith(PLUMBING), f"{row['variant']}: smoke figures must say they are plumbing"
+        assert row["weights"], row["variant"]
+    assert "UNTRAINED" in summary["rows"][0]["weights"]
+    csv_text = (out / "summary.csv").read_text()
+    assert csv_text.count(PLUMBING) == len(variants) and "UNTRAINED" in csv_text
+    assert len(read_records(out)) == len(variants) * 2 * 2  # 1 identity x 2 prompts x 2 seeds
+    assert len(format_table(summary["rows"]).splitlines()) == 1 + len(variants)
+
+
+def test_rerun_gives_identical_records(first_run, toy_dir, tmp_path):
+    out, _ = first_run
+    run_evaluation(smoke_config(toy_dir), tmp_path)
+
+    def stable(records):  # wall times differ run to run; everything else must not
+        return [{k: v for k, v in r.items() if not k.endswith("_ms")} for r in records]
+
+    assert stable(read_records(tmp_path)) == stable(read_records(out)), "the dedicated generators must repeat exactly"
+    for record in read_records(out):
+        a, b = (np.asarray(Image.open(d / record["image"])) for d in (out, tmp_path))
+        assert np.array_equal(a, b), record["image"]
+
+
+def test_renders_baseline_scores_real_renders(first_run, toy_dir):
+    out, summary = first_run
+    config = smoke_config(toy_dir)
+    world = ToyWorld(config)
+    identity = world.identity(0)
+    rows = [r for r in read_records(out) if r["variant"] == "renders"]
+    assert {r["source"] for r in rows} == {"render"}
+    for r in rows:
+        look = sample_look(np.random.default_rng(r["eval_seed"]), **r["prompt_attributes"])
+        expected = render(r["identity"], look, config.size).image
+        assert np.array_equal(np.asarray(Image.open(out / r["image"])), expected), "renders are the renderer's images"
+        embedding = world.face_judge(expected[None])[0]
+        assert r["id_sim"] == pytest.approx(id_similarity(identity["face_embedding"], [embedding])["per_image"][0])
+    assert "clip_i_disruption" not in rows[0], "renders have no same-seed no-LoRA image to compare with"
+    row = next(row for row in summary["rows"] if row["variant"] == "renders")
+    assert row["id_sim"] == pytest.approx(np.mean([r["id_sim"] for r in rows]))
+
+
+def test_dreambooth_records_wall_time_per_step_count(first_run):
+    _, summary = first_run
+    rows = [row for row in summary["rows"] if row["method"] == "dreambooth"]
+    assert [row["dreambooth_steps"] for row in rows] == [1, 2]
+    assert 0 < rows[0]["personalize_train_ms"] < rows[1]["personalize_train_ms"], "time is cumulative over steps"
+    timings = [t for t in summary["timings"] if t["variant"].startswith("dreambooth")]
+    assert all(t["train_ms"] > 0 for t in timings)
+
+
+def test_eval_seed_and_cli_flags():
+    assert eval_seed(0, 1, 2, 3) == eval_seed(0, 1, 2, 3) != eval_seed(0, 1, 2, 4)
+    args = parser().parse_args(["--out", "x", "--method", "base,renders", "--smoke", "--steps", "3"])
+    config = config_from_args(args)
+    assert config.method_list() == ["base", "renders"] and config.steps == 3 and config.num_identities == 1
+    with pytest.raises(ValueError, match="methods"):
+        EvalConfig(methods="hyperlora,pulid").method_list()
+
+
+def test_hyperlora_checkpoint_personalises_and_resets(toy_dir, tmp_path, monkeypatch):
+    """A checkpoint with non-zero LoRAs personalises (stand-in face backend) and changes the generations."""
+    from hyperlora import HyperLoRA, find_targets, preset
+    from hyperlora.checkpoint import save_checkpoint
+    from hyperlora.toy.pipeline import load_toy_pipeline
+
+    monkeypatch.setitem(backends.FACE_BACKENDS, "centre", f"{__name__}:CentreFaceAnalyzer")
+    unet = load_toy_pipeline(toy_dir / "sdxl").unet
+    torch.manual_seed(0)
+    model = HyperLoRA(preset("tiny", id_embed_dim=16), find_targets(unet)).randomize_up_bases(0.5, 0)
+    save_checkpoint(model, tmp_path / "ckpt")
+    config = smoke_config(toy_dir, methods="hyperlora,base", face_backend="centre", checkpoint=str(tmp_path / "ckpt"),
+                          prompts="0")  # fmt: skip
+    summary = run_evaluation(config, tmp_path / "run")
+    hyper, base = summary["rows"]
+    assert hyper["personalization_failures"] == 0 and hyper["personalize_hypernetwork_ms"] > 0
+    assert hyper["weights"].startswith("hyperlora checkpoint") and hyper["label"].startswith(PLUMBING)
+    assert hyper["clip_i_disruption"] < 1.0 and hyper["lpips_preservation"] > 0, "a non-zero LoRA changes the images"
+    records = read_records(tmp_path / "run")
+    for h, b in zip(records[:2], records[2:]):
+        assert (h["variant"], b["variant"], h["eval_seed"]) == ("hyperlora", "base", b["eval_seed"])
