@@ -51,8 +51,8 @@ def config_dict(config) -> dict:
 
 
 def folder_megabytes(folder: str | Path) -> float:
-    """Size of the weight files (*.safetensors) in `folder`, in MB (10^6 bytes)."""
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 1e6
+    """Size of the weight files (*.safetensors, *.onnx, in subfolders too) in `folder`, in MB (10^6 bytes)."""
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.onnx") for p in Path(folder).rglob(pattern)) / 1e6
 
 
 def _table(rows: list[dict], indent: str) -> list[str]:
