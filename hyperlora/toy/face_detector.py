@@ -84,7 +84,7 @@ class DetectorTrainConfig:
     lr: float = 2e-3  # AdamW peak, cosine decay after a 5 % warmup
     weight_decay: float = 1e-4
     seed: int = 0  # pool renders, augmentation and initialisation
-    num_threads: int = 2  # torch.set_num_threads; on a machine shared with other jobs 1 ran 3-5x faster
+    num_threads: int = 1  # torch.set_num_threads; on a machine shared with other jobs 1 ran 3-5x faster than 2
     progress: bool = True  # tqdm bars
 
     def __post_init__(self):
