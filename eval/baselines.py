@@ -4,8 +4,9 @@
   (a checkpoint folder, or a freshly initialised and therefore UNTRAINED one: zero up bases, so its
   LoRA is zero and it scores as the base model with trigger words).
 - `base`: the base model without personalisation, the same seeds: the floor.
-- `renders`: real toy renders of the same identity with the prompt's look, scored as if generated:
-  the ceiling for ID similarity (what a perfect generator of this person would get).
+- `renders`: the world's real images of the identity, scored as if generated: the ceiling for ID
+  similarity (what a perfect generator of this person would get). Toy: renders with the prompt's
+  look; sdxl: the identity's held-out photos (`world.real_images`).
 - `dreambooth`: a per-identity LoRA (peft, `unet.add_adapter(LoraConfig(...))` as diffusers'
   DreamBooth-LoRA script) fine-tuned on the references with a rare token, scored at several
   cumulative step counts with the wall time each took, so fidelity against time sits beside
@@ -22,11 +23,8 @@ import logging
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from PIL import Image
-
-from hyperlora.toy.render import render, sample_look
 
 from .protocol import EvalConfig, eval_seed
 
@@ -61,18 +59,14 @@ class BaseModel(Method):
 
 
 class Renders(Method):
-    name, label, compares_to_base = "renders", "real toy renders of the identity (ceiling; no model)", False
-    source = "render"
+    name, compares_to_base = "renders", False
 
     def __init__(self, config: EvalConfig, world):
-        if world.world != "toy":
-            raise ValueError("the renders baseline exists only in the toy world (it needs the renderer)")
-        self.size = config.size
+        self.world, self.label, self.source = world, world.ceiling_label, world.ceiling_source
 
     def variants(self, identity):
         def generate(prompt, seeds):
-            looks = [sample_look(np.random.default_rng(s), **prompt.attributes) for s in seeds]
-            return np.stack([render(identity["id"], look, self.size).image for look in looks])
+            return self.world.real_images(identity, prompt, seeds)
 
         yield "renders", {"total_ms": 0.0}, generate
 
@@ -90,7 +84,7 @@ class HyperLoRAMethod(Method):
 
         self.config = config
         analyzer = make_face_analyzer(config.face_backend, **world.backend_kwargs(config.face_backend))
-        clip = ClipImageEncoder(world.dir / "clip", world="toy")
+        clip = ClipImageEncoder(world.clip_dir, world=world.world)
         if config.checkpoint:
             model = load_checkpoint(config.checkpoint, unet=world.pipe.unet)
             self.label = f"hyperlora checkpoint {config.checkpoint}"
@@ -110,7 +104,8 @@ class HyperLoRAMethod(Method):
         from hyperlora.conditioning.references import NoUsableReferenceError
         from hyperlora.pipeline import with_trigger
 
-        images = [Image.fromarray(image) for image in identity["images"]]
+        # sdxl: the photo files (the conditioner finds and crops the face at full resolution); toy: the renders
+        images = identity.get("photos") or [Image.fromarray(image) for image in identity["images"]]
         try:
             c = self.config
             result = self.personalized.personalize(images, id_scale=c.id_scale, base_scale=c.base_scale)

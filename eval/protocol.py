@@ -2,20 +2,24 @@
 
     summary = run_evaluation(EvalConfig(world="toy", methods="hyperlora,base,renders"), "runs/eval/x")
 
-Per held-out identity ('test' split) the toy world renders `num_references` reference photos whose
-looks differ from every look the selected prompts ask for (so look leakage is measurable), each
-method personalises once (timed apart from generation), and every prompt is generated with
-`seeds_per_prompt` dedicated generators seeded from (seed, identity, prompt index, seed index), so a
-rerun is identical. The same seeds without any LoRA (and without trigger words or rare tokens: the
-base model as a user would run it) give PuLID's disruption CLIP-I and the non-face LPIPS; the toy
-CLIP's zero-shot classifiers predict the look attributes for leakage and adherence. Metrics are
+Two worlds run the same code path. Per held-out identity ('test' split) the toy world (`ToyWorld`,
+below) renders `num_references` reference photos whose looks differ from every look the selected
+prompts ask for (so look leakage is measurable), each method personalises once (timed apart from
+generation), and every prompt is generated with `seeds_per_prompt` dedicated generators seeded from
+(seed, identity, prompt index, seed index), so a rerun is identical. The same seeds without any LoRA
+(and without trigger words or rare tokens: the base model as a user would run it) give PuLID's
+disruption CLIP-I and the non-face LPIPS; the toy CLIP's zero-shot classifiers predict the look
+attributes for leakage and adherence. In the sdxl world (eval/sdxl_world.py: a diffusers SDXL
+pipeline, CLIP ViT-L/14 and a folder of photos per real person) the references are each person's
+first photos and the renders ceiling is their held-out photos; with no ground-truth looks, leakage
+and adherence are None, with the reason in the summary's `not_available`. Metrics are
 eval/metrics.py's; this file gathers features, records and summaries. Methods: eval/baselines.py.
 
 out_dir gets config.json (with the command line and git commit), records.jsonl (one row per image),
 summary.json + summary.csv (one row per method variant) and grid_<variant>.png
 (references | one generation per prompt, a row per identity). Every summary row carries `weights`
-and `label`: until the toy models pass their gates and a trained HyperLoRA exists, the numbers are
-plumbing checks, not results.
+and `label`: until the toy models pass their gates (toy), or while the SDXL pipeline or CLIP are RANDOM
+stand-ins (sdxl), and until a trained HyperLoRA exists, the numbers are plumbing checks, not results.
 """
 
 from __future__ import annotations
@@ -48,23 +52,25 @@ METHODS = ("hyperlora", "base", "renders", "dreambooth")
 class EvalConfig:
     """One evaluation run; saved as config.json in the run folder."""
 
-    world: str = "toy"  # "toy" (ground truth, CPU) or "sdxl" (not wired yet: needs reference photo sets)
+    world: str = "toy"  # "toy" (ground truth, CPU) or "sdxl" (real photos in `references`; eval/sdxl_world.py)
     methods: str = "hyperlora"  # comma-separated subset of METHODS, scored into one table
-    num_identities: int = 8  # the first n identities of the held-out 'test' split
+    num_identities: int = 8  # the first n identities of the held-out 'test' split (sdxl: of the sorted folders)
     num_references: int = 2  # reference photos per identity (HyperLoRA averages their coefficients)
     seeds_per_prompt: int = 4  # PuLID: 4 images per identity and prompt; >= 2 for LPIPS diversity
     prompts: str = "all"  # "all" or comma-separated indices into data/eval/prompts.json of the world
     steps: int = 20  # sampling steps (DPM++ 2M Karras)
     guidance: float = 5.0  # classifier-free guidance; HyperLoRA's usable range is 3-7
-    size: int = 64  # image side in pixels (toy: 64)
+    size: int = 64  # image side in px; toy: 64. sdxl: 64 (left at default) means the pipeline's own size (1024)
     id_scale: float = 0.85  # ID-LoRA scale at personalisation
     base_scale: float = 0.0  # Base-LoRA scale (0: ID only, as the release)
     toy_dir: str = "data/toy"  # toy models: clip/ faces/ sdxl/ (python -m hyperlora.toy build)
-    sdxl_path: str = ""  # sdxl world: diffusers SDXL folder
-    clip_path: str = ""  # sdxl world: CLIP ViT-L/14 folder
+    sdxl_path: str = ""  # sdxl world: diffusers SDXL pipeline folder (StableDiffusionXLPipeline.from_pretrained)
+    clip_path: str = ""  # sdxl world: CLIP ViT-L/14 folder, the hypernetwork's image encoder and the CLIP-T/-I judge
+    references: str = ""  # sdxl world: <name>/ photo folders; sorted, first num_references = references, rest held out
+    insightface_root: str = ""  # sdxl world, antelopev2 backend: the folder holding models/antelopev2/*.onnx
     checkpoint: str = ""  # HyperLoRA checkpoint folder; empty: a freshly initialised, UNTRAINED one
-    face_backend: str = "toy"  # conditioning face backend (toy | dlib | antelopev2)
-    judge_backend: str = "toy"  # ID-similarity judge; should differ from the conditioning one in sdxl
+    face_backend: str = "toy"  # conditioning face backend (toy | dlib | antelopev2); sdxl: antelopev2 as the release
+    judge_backend: str = "toy"  # ID-similarity judge; sdxl warns when it is the conditioning one (not independent)
     min_face_size: float = 8.0  # px; toy faces are ~25 px wide at 64 px
     det_threshold: float = 0.5  # toy detector score threshold (smoke detectors need 0 to find anything)
     dreambooth_steps: str = "50,100,200"  # comma-separated cumulative step counts to score
@@ -139,6 +145,9 @@ class ToyWorld:
     """The toy models (pipeline, CLIP, faces) loaded from `config.toy_dir`, and the held-out identities."""
 
     world = "toy"
+    ceiling_source = "render"  # the renders method scores the renderer's images: the records' `source`
+    ceiling_label = "real toy renders of the identity (ceiling; no model)"
+    not_available: dict[str, str] = {}  # metric -> why it is None (the sdxl world has no ground-truth looks)
 
     def __init__(self, config: EvalConfig):
         from hyperlora.conditioning.backends import make_face_analyzer
@@ -149,7 +158,8 @@ class ToyWorld:
         self.config, self.dir = config, Path(config.toy_dir)
         self.pipe = load_toy_pipeline(self.dir / "sdxl")
         self.pipe.set_progress_bar_config(disable=True)
-        self.clip = ClipExtractor(self.dir / "clip")
+        self.clip_dir = self.dir / "clip"  # the hypernetwork's image encoder
+        self.clip = ClipExtractor(self.clip_dir)
         analyzer = make_face_analyzer(config.judge_backend, **self.backend_kwargs(config.judge_backend))
         self.face_judge = FaceEmbeddingExtractor(analyzer, min_face_size=config.min_face_size)
         self.attribute_judge = clip_judge(self.dir / "clip")
@@ -191,6 +201,11 @@ class ToyWorld:
                 "face_embedding": None if face is None else face / np.linalg.norm(face), "clip_embedding": clip,
                 "mean_mask": np.mean([r.mask for r in renders], 0) > 0.5, "n_reference_faces": len(faces)}  # fmt: skip
 
+    def real_images(self, identity: dict, prompt: Prompt, seeds: list[int]) -> np.ndarray:
+        """The renders ceiling: the identity rendered with the prompt's look (the rest of the look from each seed)."""
+        looks = [sample_look(np.random.default_rng(s), **prompt.attributes) for s in seeds]
+        return np.stack([render(identity["id"], look, self.config.size).image for look in looks])
+
     def generate(self, text: str, seeds: list[int]) -> np.ndarray:
         """uint8 [N, H, W, 3] from the shared pipeline as it stands (with whatever LoRA a method loaded into it);
         image i comes from its own generator seeded with seeds[i], so it does not depend on the batch."""
@@ -209,6 +224,7 @@ def build_smoke_toy(out_dir: str | Path) -> Path:
     from hyperlora.toy.build import build
     from hyperlora.toy.pipeline import assemble_pipeline
     from hyperlora.toy.unet import UNetTrainConfig, build_toy_unet
+    from diffusers import AutoencoderKL
     from transformers import CLIPConfig
 
     out = Path(out_dir)
@@ -220,17 +236,23 @@ def build_smoke_toy(out_dir: str | Path) -> Path:
     torch.manual_seed(0)
     config = UNetTrainConfig.smoke(block_out_channels=(16, 32), attention_heads=(1, 2),
                                    transformer_layers_per_block=(1, 1), layers_per_block=1)  # fmt: skip
-    unet = build_toy_unet(config, cross_attention_dim=2 * text.text_config.hidden_size, pooled_dim=text.projection_dim)
+    latent_channels = AutoencoderKL.load_config(out / "vae")["latent_channels"]
+    unet = build_toy_unet(config, cross_attention_dim=2 * text.text_config.hidden_size, pooled_dim=text.projection_dim,
+                          latent_channels=latent_channels)  # fmt: skip
     unet.save_pretrained(out / "unet")
     assemble_pipeline(out / "unet", out / "sdxl", clip_path=out / "clip", vae_path=out / "vae")
     return out
 
 
 def load_world(config: EvalConfig):
+    """The world's models, judges and identities; its `config` is `config` with the world's defaults resolved."""
     if config.world == "toy":
         return ToyWorld(config)
-    raise NotImplementedError(f"world {config.world!r}: only the toy world is wired into the protocol so far "
-                              "(sdxl needs held-out reference photo sets and a judge face model)")  # fmt: skip
+    if config.world == "sdxl":
+        from .sdxl_world import SDXLWorld
+
+        return SDXLWorld(config)
+    raise ValueError(f"world must be 'toy' or 'sdxl', got {config.world!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +291,7 @@ def score_batch(world, identity: dict, prompt: Prompt, images: np.ndarray, basel
         preservation = metrics.lpips_preservation(images, baseline, masks, world.lpips)["per_image"]
         for row, d, p in zip(rows, disruption, preservation):
             row.update(clip_i_disruption=float(d), lpips_preservation=float(p))
-    if world.attribute_judge is not None:
+    if world.attribute_judge is not None:  # toy only: sdxl has no ground-truth looks to judge (world.not_available)
         for row, predicted in zip(rows, world.attribute_judge(images)):
             row["predicted"] = predicted
     return rows
@@ -305,7 +327,9 @@ def _evaluate_identity(world, methods: dict, identity: dict, config: EvalConfig,
                     path.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(image).save(path)
                     records.append({"method": name, "variant": variant, "source": method.source,
-                                    "identity": identity["id"], "prompt_index": p,
+                                    "identity": identity["id"],
+                                    "identity_name": identity.get("name", ""),  # sdxl: its folder; toy: none
+                                    "prompt_index": p,
                                     "prompt": prompt.text, "category": prompt.category, "seed_index": s,
                                     "eval_seed": seeds[p][s], "prompt_attributes": prompt.attributes,
                                     "reference_attributes": identity["attributes"], **row,
@@ -320,6 +344,7 @@ def run_evaluation(config: EvalConfig, out_dir: str | Path) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = load_world(config)
+    config = world.config  # the world's defaults resolved (sdxl: the pipeline's image size)
     methods = {name: make_method(name, config, world) for name in config.method_list()}
     _write_config(config, out, {"world": world.label} | {name: m.label for name, m in methods.items()})
     records, timings, identities = [], [], []
@@ -421,6 +446,8 @@ def summarize_variant(rows: list[dict], timings: list[dict], method, world, out:
     row["id_sim_neutral"] = float(np.mean(neutral)) if neutral else None
     row.update(_diversity(rows, out, world))
     row.update(_attribute_metrics(rows))
+    if world.not_available:  # sdxl: toy-only metrics, None with the reason (see world.not_available)
+        row.update(dict.fromkeys(world.not_available), not_available=dict(world.not_available))
     for key in sorted({k for t in timings for k in t if k.endswith("_ms")}):
         values = [t[key] for t in timings if np.isfinite(t.get(key, float("nan")))]
         row[f"personalize_{key}"] = float(np.mean(values)) if values else None
@@ -442,7 +469,8 @@ def summarize_run(records: list[dict], timings: list[dict], methods: dict, world
         rows.append(summarize_variant(mine, [t for t in timings if t["variant"] == variant],
                                       methods[mine[0]["method"]], world, out))  # fmt: skip
     return {"world": config.world, "label": rows[0]["label"] if rows else world.label, "rows": rows,
-            "timings": timings, "config": dataclasses.asdict(config)}  # fmt: skip
+            "not_available": dict(world.not_available), "timings": timings,
+            "config": dataclasses.asdict(config)}  # fmt: skip
 
 
 def write_grids(out: Path, records: list[dict], identities: list[dict]) -> list[Path]:

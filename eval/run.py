@@ -1,10 +1,23 @@
-"""`python -m eval.run --world toy --method hyperlora,base,renders --out runs/eval/NAME [--smoke]`: one evaluation run.
+"""`python -m eval.run --world toy|sdxl --method hyperlora,base,renders --out runs/eval/NAME [--smoke]`: one run.
 
 Flags are the fields of `eval.protocol.EvalConfig`; the run folder gets config.json (with this
 command line and the git commit), records.jsonl, summary.json/.csv and the grids. Without
 --checkpoint, method hyperlora scores a freshly initialised, UNTRAINED hypernetwork, and says so.
 --smoke sets tiny sizes (1 identity, prompts 0 and 1, 2 seeds, 2 steps, DreamBooth at 1 and 2 steps) unless
 flags set them; with smoke-built toy models also pass --det-threshold 0 --min-face-size 0.
+
+The toy world reads its models from --toy-dir. The sdxl world (eval/sdxl_world.py) reads local folders only:
+--sdxl-path (a diffusers SDXL pipeline), --clip-path (CLIP ViT-L/14 with its tokenizer: the hypernetwork's
+image encoder and the CLIP-T/-I judge) and --references (DIR/<name>/*.jpg, one folder per person, sorted: the
+first --num-references photos are the references, the rest are held out and scored by method renders as the
+ceiling). --face-backend conditions HyperLoRA (antelopev2, as the release, needs --insightface-root);
+--judge-backend scores ID similarity and should be another backend (dlib). With --size left at 64 the images
+have the pipeline's own size (1024 px for SDXL). Look leakage and adherence need ground truth: sdxl reports
+them as None. Random stand-in weights (not SDXL's UNet or not ViT-L/14) label every row as plumbing.
+    python -m eval.run --world sdxl --method hyperlora,base,renders --sdxl-path models/sdxl \
+        --clip-path models/clip-vit-large-patch14 --checkpoint models/sdxl_hyper_id_lora_v1_fidelity \
+        --references data/refs --face-backend antelopev2 --insightface-root models/insightface \
+        --judge-backend dlib --num-identities 8 --out runs/eval/sdxl
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from transformers import (CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPText
 
 from hyperlora.tokenizer import clip_tokenizer
 from hyperlora.toy.cards import read_model_card, write_model_card
-from hyperlora.toy.clip import (CLIPTrainConfig, HardBatches, attribute_prompts, evaluate_clip, partial_caption,
+from hyperlora.toy.clip import (CLIPTrainConfig, HardBatches, attribute_prompts, caption_targets, evaluate_clip,
+                                multi_positive_loss, partial_caption,
                                 pixel_values, train_clip)  # fmt: skip
 from hyperlora.toy.data import attributes_of
 from hyperlora.toy.render import LOOK_ATTRIBUTES, render_sample
@@ -97,12 +98,33 @@ def test_partial_captions_only_say_what_the_full_caption_says():
     lengths = []
     for i in range(60):
         render = render_sample(i, 0, seed=1)
-        text = partial_caption(attributes_of(render), rng)
-        prefix = {"portrait", "photo", "picture"}
+        text, named = partial_caption(attributes_of(render), rng)
+        assert named and all(attributes_of(render)[name] == value for name, value in named.items())
+        prefix = {"portrait", "photo", "picture", "hair", "clothes", "background"}  # said without style/type/pattern
         extra = set(text.replace(",", "").split()) - set(render.caption.replace(",", "").split()) - prefix
         assert not extra, f"{text!r} says {extra}, not in {render.caption!r}"
         lengths.append(len(text) / len(render.caption))
     assert 0.2 < np.mean(lengths) < 0.8
+
+
+def test_caption_targets_mark_every_image_a_partial_caption_is_true_of():
+    a = {name: values[0] for name, values in LOOK_ATTRIBUTES.items()}
+    b = {**a, "expression": "smiling", "hair_colour": "red"} if a["expression"] != "smiling" else None
+    b = b or {**a, "expression": "neutral", "hair_colour": "red"}
+    truth = caption_targets([None, {"expression": b["expression"]}, {"hairstyle": a["hairstyle"]}], [a, b, a])
+    assert truth.tolist() == [[True, False, True], [False, True, True], [False, False, True]]
+
+
+def test_multi_positive_loss_is_clips_loss_with_one_positive_and_rewards_all_true_pairs():
+    logits = torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) * 5
+    clip = (torch.nn.functional.cross_entropy(logits, torch.arange(6))
+            + torch.nn.functional.cross_entropy(logits.T, torch.arange(6))) / 2
+    assert multi_positive_loss(logits, torch.eye(6, dtype=torch.bool)) == pytest.approx(clip.item(), rel=1e-5)
+    truth = torch.eye(6, dtype=torch.bool)
+    truth[0, 1] = truth[1, 0] = True  # two images that both captions describe
+    agree = torch.eye(6) * 10
+    agree[0, 1] = agree[1, 0] = 10
+    assert multi_positive_loss(agree, truth) < multi_positive_loss(torch.eye(6) * 10, truth)
 
 
 def test_hard_batches_share_an_attribute_and_never_repeat_an_image():
@@ -122,7 +144,7 @@ def test_vae_shapes_and_scaling_factor(vae_dir):
     images = torch.from_numpy(_renders(2)).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mode()
-        assert latents.shape == (2, 4, 16, 16), "f = 4: 64 px -> 16 x 16 x 4 latents"
+        assert latents.shape == (2, 8, 16, 16), "f = 4: 64 px -> 16 x 16 x 8 latents"
         assert vae.decode(latents).sample.shape == (2, 3, 64, 64)
     card = read_model_card(vae_dir)
     assert vae.config.scaling_factor == pytest.approx(1 / card["figures"]["latent_std"], rel=1e-4)

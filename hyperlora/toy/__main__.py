@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--smoke", action="store_true", help="every trainer's smoke preset: plumbing only, seconds")
     p_build.add_argument("--only", nargs="+", choices=SELECTABLE, help="run only these steps (in build order)")
     p_build.add_argument("--standins", action="store_true", help="random stand-ins for a missing CLIP or VAE")
+    p_build.add_argument("--jobs", type=int, default=2, help="steps run at once, one process and torch thread each "
+                         "(default 2: the 90-minute budget on 2 cores assumes it)")
+    p_build.add_argument("--step", choices=SELECTABLE, help=argparse.SUPPRESS)  # one step exactly (parallel builds)
     p_info = commands.add_parser("info", help="what is present under the toy folder, with sizes")
     p_info.add_argument("--out", default=str(DEFAULT_TOY_DIR))
     args = parser.parse_args(argv)
@@ -29,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['folder']:<16} {state}  {card}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    outcomes = build(args.out, smoke=args.smoke, only=args.only, standins=args.standins)
+    if args.step:
+        outcomes = build(args.out, smoke=args.smoke, only=[args.step], standins=args.standins, exact=True)
+    else:
+        outcomes = build(args.out, smoke=args.smoke, only=args.only, standins=args.standins, jobs=args.jobs)
     print("\n".join(f"{name:<11} {outcome}" for name, outcome in outcomes.items()))
     return 1 if any(o.startswith("FAILED") for o in outcomes.values()) else 0
 

@@ -1,11 +1,14 @@
 """`python -m hyperlora.toy build`: retrain every toy model from scratch, in dependency order, and ship the toy SDXL.
 
-Order: CLIP -> faces (detector + recogniser) -> VAE -> UNet (it needs CLIP's text tower and the
-VAE) -> the StableDiffusionXLPipeline folder, evaluated with the others as judges, and carded. Each step is one call
-`train_x(Config(), out/folder)` into its trainer (`Config.smoke()` with `--smoke`); trainers are
-imported only when their step runs, so a trainer that is not written yet fails its own step with
-a message saying so, and the steps that do not need it still run. Everything is logged to
-`<out>/build.log`.
+Steps: CLIP, VAE, faces (detector + recogniser), UNet (it needs CLIP's text tower and the VAE), then
+the StableDiffusionXLPipeline folder, evaluated with the others as judges, and carded. Each step is
+one call `train_x(Config(), out/folder)` into its trainer (`Config.smoke()` with `--smoke`);
+trainers are imported only when their step runs, so a broken trainer fails its own step and its
+dependants, and the other steps still run. Everything is logged to `<out>/build.log`.
+
+With `jobs=2` (the default) two steps run at once, each in its own process on one torch thread:
+CLIP and VAE first, then faces and the UNet side by side; that is how the build fits its 90-minute
+budget on 2 cores. Each process logs to `<out>/logs/<step>.log`.
 
     <out>/clip/  faces/  vae/  unet/  sdxl/  build.log
 """
@@ -16,6 +19,8 @@ import importlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +46,13 @@ class Step:
 
 STEPS = (
     Step("clip", "hyperlora.toy.clip", "train_clip", "CLIPTrainConfig", "clip"),
-    Step("faces", "hyperlora.toy.faces", "build_faces", "FaceTrainConfig", "faces"),  # detector + recogniser + card
     Step("vae", "hyperlora.toy.vae", "train_vae", "VAETrainConfig", "vae"),
+    Step("faces", "hyperlora.toy.faces", "build_faces", "FaceTrainConfig", "faces"),  # detector + recogniser + card
     Step("unet", "hyperlora.toy.unet", "train_unet", "UNetTrainConfig", "unet", needs=("clip", "vae")),
 )
+# What each step waits for when steps run side by side: the UNet trains on CLIP and VAE outputs;
+# the pipeline step evaluates with every other model as a judge.
+WAITS_FOR = {"clip": (), "vae": (), "faces": (), "unet": ("clip", "vae"), "sdxl": ("clip", "vae", "faces", "unet")}
 PIPELINE_FOLDER = "sdxl"  # the assembled StableDiffusionXLPipeline, after every trainer
 ALIASES = {"unet": ("unet", "sdxl")}  # --only unet also re-assembles the pipeline that wraps it
 SELECTABLE = ("clip", "faces", "vae", "unet", "sdxl")
@@ -100,11 +108,26 @@ def run_step(step: Step, out: Path, *, smoke: bool, standins: bool = False) -> P
     trainer, config_class = _trainer(step)
     paths = _needed_paths(step, out, standins)
     config = config_class.smoke() if smoke else config_class()
+    if step.name == "vae":
+        paths["face_embed"] = _vae_face_judge(out)
     folder = out / step.folder
     if folder.exists():
         shutil.rmtree(folder)
     logger.info("step %s: %s(%s) -> %s", step.name, step.trainer, config, folder)
     return trainer(config, folder, **paths)
+
+
+def _vae_face_judge(out: Path):
+    """Identity through the VAE is judged by the toy face models: the build's own if finished (card
+    written), else the shipped ones. They are loaded now, before a parallel faces step may wipe them."""
+    from .pipeline import face_judges
+
+    for folder in (out / "faces", DEFAULT_TOY_DIR / "faces"):
+        if (folder / "model_card.json").is_file() and (folder / "recognizer.onnx").is_file():
+            logger.info("step vae: identity judged by the face models in %s", folder)
+            return face_judges(folder)[1]
+    logger.warning("step vae: no finished toy face models: identity through the VAE is not measured")
+    return None
 
 
 def ship_pipeline(out: Path, *, smoke: bool, standins: bool = False) -> Path:
@@ -146,10 +169,14 @@ def ship_pipeline(out: Path, *, smoke: bool, standins: bool = False) -> Path:
 
 
 def build(out: str | Path = DEFAULT_TOY_DIR, *, smoke: bool = False, only: list[str] | None = None,
-          standins: bool = False) -> dict[str, str]:  # fmt: skip
-    """Run the selected steps in order; a failed step fails its dependants only. Returns {step: outcome}."""
+          standins: bool = False, jobs: int = 1, exact: bool = False) -> dict[str, str]:  # fmt: skip
+    """Run the selected steps (`exact`: `only` without aliases); a failed step fails its dependants only.
+    `jobs` > 1 runs that many steps at once, each in its own process. Returns {step: outcome}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    names = list(only) if exact and only else selected_steps(only)
+    if jobs > 1 and len(names) > 1:
+        return _build_parallel(out, names, smoke=smoke, standins=standins, jobs=jobs)
     handler = logging.FileHandler(out / BUILD_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_logger = logging.getLogger("hyperlora")
@@ -158,8 +185,8 @@ def build(out: str | Path = DEFAULT_TOY_DIR, *, smoke: bool = False, only: list[
     steps = {step.name: step for step in STEPS}
     outcomes: dict[str, str] = {}
     try:
-        logger.info("build into %s: steps %s%s", out, selected_steps(only), " (smoke)" if smoke else "")
-        for name in selected_steps(only):
+        logger.info("build into %s: steps %s%s", out, names, " (smoke)" if smoke else "")
+        for name in names:
             start = time.perf_counter()
             try:
                 if name == "sdxl":
@@ -177,6 +204,39 @@ def build(out: str | Path = DEFAULT_TOY_DIR, *, smoke: bool = False, only: list[
         package_logger.removeHandler(handler)
         handler.close()
     return outcomes
+
+
+def _build_parallel(out: Path, names: list[str], *, smoke: bool, standins: bool, jobs: int) -> dict[str, str]:
+    """Run `names` as `python -m hyperlora.toy build --step NAME` processes, at most `jobs` at once, each
+    started once the selected steps it waits for (WAITS_FOR) are done; a failure fails its dependants."""
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    pending, running, outcomes = list(names), {}, {}
+    while pending or running:
+        for name in list(pending):
+            waits = [d for d in WAITS_FOR[name] if d in names]
+            failed = [d for d in waits if outcomes.get(d, "").startswith("FAILED")]
+            if failed:
+                outcomes[name] = f"FAILED: needs {', '.join(failed)}, which failed"
+                pending.remove(name)
+            elif len(running) < jobs and all(d in outcomes for d in waits):
+                command = [sys.executable, "-m", "hyperlora.toy", "build", "--out", str(out), "--step", name]
+                command += ["--smoke"] * smoke + ["--standins"] * standins
+                log = open(logs / f"{name}.log", "w")
+                running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+                pending.remove(name)
+                print(f"step {name}: started (log: {logs / f'{name}.log'})", flush=True)
+        time.sleep(0.5)
+        for name, (process, log, start) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            seconds = time.time() - start
+            outcomes[name] = (f"done in {seconds:.0f} s" if process.returncode == 0
+                              else f"FAILED (exit {process.returncode} after {seconds:.0f} s): see {logs / name}.log")
+            print(f"step {name}: {outcomes[name]}", flush=True)
+    return {name: outcomes[name] for name in names}
 
 
 def folder_size(path: Path) -> int:

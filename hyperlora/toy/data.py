@@ -69,17 +69,20 @@ class ToyPortraits(Dataset):
 
 
 def render_arrays(dataset: ToyPortraits, progress: bool = True) -> dict:
-    """Render a whole dataset into memory: images uint8 [N, H, W, 3] plus per-image ground truth."""
+    """Render a whole dataset into memory: images uint8 [N, H, W, 3] plus per-image ground truth
+    (boxes, keypoints, face masks bool [N, H, W], identities, captions, attributes)."""
     n = len(dataset)
     images = np.empty((n, dataset.size, dataset.size, 3), dtype=np.uint8)
     boxes = np.empty((n, 4), dtype=np.float32)
     keypoints = np.empty((n, 5, 2), dtype=np.float32)
+    masks = np.empty((n, dataset.size, dataset.size), dtype=bool)
     identities = np.empty(n, dtype=np.int64)
     captions, attributes = [], []
     for i in tqdm(range(n), desc="rendering", disable=not progress, mininterval=2):
         r = dataset.render(i)
         images[i], boxes[i], keypoints[i], identities[i] = r.image, r.box, r.keypoints, r.identity
+        masks[i] = r.mask
         captions.append(r.caption)
         attributes.append(attributes_of(r))
-    return {"images": images, "boxes": boxes, "keypoints": keypoints, "identities": identities,
+    return {"images": images, "boxes": boxes, "keypoints": keypoints, "masks": masks, "identities": identities,
             "captions": captions, "attributes": attributes}  # fmt: skip

@@ -37,8 +37,8 @@ CROP_SIZE = 112  # ArcFace's aligned crop side
 class RecognizerTrainConfig:
     """How the recogniser is built and trained."""
 
-    num_train: int = 1000  # train identities = classes of the ArcFace head (ids 0..num_train-1)
-    images_per_identity: int = 10  # renders per identity; looks (hair, glasses, pose, ...) vary between them
+    num_train: int = 2000  # train identities = classes of the ArcFace head (ids 0..num_train-1)
+    images_per_identity: int = 8  # renders per identity; looks (hair, glasses, pose, ...) vary between them
     render_size: int = 64  # the toy world's generation size; crops are upsampled from it
     embedding_dim: int = 128  # insightface does not care; glintr100 has 512, dlib 128
     width: int = 32  # channels of the first stage, doubled at each of the 3 stages (28, 14, 7 px)
@@ -48,7 +48,7 @@ class RecognizerTrainConfig:
     margin_warmup: float = 0.2  # fraction of the steps over which m ramps up from 0: from-scratch stability
     kps_jitter: float = 0.1  # std of the keypoint noise before alignment, in eye distances (the detector errs ~0.14)
     degrade: DegradeConfig = field(default_factory=DegradeConfig)  # applied at 64 px, before alignment
-    steps: int = 1500
+    steps: int = 3000  # the shipped recogniser's recipe (data/toy/faces/model_card.json)
     batch_size: int = 128
     lr: float = 2e-3  # AdamW peak, cosine decay after a 5 % warmup
     weight_decay: float = 5e-4

@@ -3,7 +3,7 @@
 The toy SDXL has the real SDXL's parts at toy scale: both text encoders are the toy CLIP's text
 tower (`CLIPTextModel` and `CLIPTextModelWithProjection` with the same weights), the tokenizers
 are the real CLIP BPE (the second pads with "!"), the VAE is a toy `AutoencoderKL` (f = 4:
-64x64 images -> 4x16x16 latents) and the UNet comes from `hyperlora.toy.unet`. Until the toy
+64x64 images -> 8x16x16 latents; see `hyperlora.toy.vae` for why 8 channels, not SDXL's 4) and the UNet comes from `hyperlora.toy.unet`. Until the toy
 CLIP and VAE are trained, `text_components(None)` and `toy_vae(None)` give seeded random
 stand-ins with the same classes, so every step downstream runs unchanged.
 
@@ -42,9 +42,9 @@ STANDIN_TEXT_CONFIG = dict(
     vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, max_position_embeddings=77,
     hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3, projection_dim=32,
 )  # fmt: skip
-# Random stand-in VAE: three levels, so f = 4 (64x64 -> 16x16), as the toy VAE.
+# Random stand-in VAE: three levels, so f = 4 (64x64 -> 16x16), and 8 latent channels, as the toy VAE.
 STANDIN_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+    in_channels=3, out_channels=3, latent_channels=8, sample_size=64, layers_per_block=1,
     block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32, scaling_factor=1.0,
 )  # fmt: skip

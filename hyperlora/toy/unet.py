@@ -69,7 +69,8 @@ class UNetTrainConfig:
     snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE
     ema_decay: float = 0.999  # EMA of the weights that are saved; 0 turns EMA off
     # Runtime.
-    threads: int = 2  # torch CPU threads; on a machine shared with other jobs 1 avoids OpenMP stalls
+    threads: int = 1  # torch CPU threads; the build runs two trainers side by side on 2 cores (2 threads each
+    # ran up to 9x slower under contention)
     seed: int = 0  # global seed: init, batches, noise, caption dropout
     log_every: int = 50  # steps per loss-curve point and log line
     mixed_precision: str = "no"  # accelerate's setting: "no", "fp16", "bf16"
@@ -86,8 +87,10 @@ class UNetTrainConfig:
         return strict_from_dict(cls, values)
 
 
-def build_toy_unet(config: UNetTrainConfig, *, cross_attention_dim: int, pooled_dim: int) -> UNet2DConditionModel:
-    """A randomly initialised SDXL-layout UNet for `cross_attention_dim` text states and `pooled_dim` text_embeds."""
+def build_toy_unet(config: UNetTrainConfig, *, cross_attention_dim: int, pooled_dim: int,
+                   latent_channels: int = 4) -> UNet2DConditionModel:
+    """A randomly initialised SDXL-layout UNet for `cross_attention_dim` text states, `pooled_dim` text_embeds
+    and the VAE's `latent_channels` (SDXL: 4; the toy VAE: 8)."""
     levels = len(config.block_out_channels)
     if levels < 2:
         raise ValueError("the SDXL layout needs at least two levels: one without attention, then CrossAttn ones")
@@ -96,8 +99,8 @@ def build_toy_unet(config: UNetTrainConfig, *, cross_attention_dim: int, pooled_
         groups //= 2
     return UNet2DConditionModel(
         sample_size=config.image_size // 4,  # f = 4 toy VAE; the pipeline's default size is sample_size x 4
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
         block_out_channels=config.block_out_channels,
@@ -117,8 +120,8 @@ def build_toy_unet(config: UNetTrainConfig, *, cross_attention_dim: int, pooled_
 class TrainingCache:
     """Everything the frozen VAE and text encoders contribute, for a fixed rendered set."""
 
-    latent_mean: torch.Tensor  # [N, 4, h, w] VAE posterior mean (unscaled)
-    latent_std: torch.Tensor  # [N, 4, h, w] VAE posterior std
+    latent_mean: torch.Tensor  # [N, C, h, w] VAE posterior mean (unscaled)
+    latent_std: torch.Tensor  # [N, C, h, w] VAE posterior std
     prompt_embeds: torch.Tensor  # [N, 77, cross_attention_dim] float16, both encoders' penultimate states
     pooled: torch.Tensor  # [N, pooled_dim] float16, encoder 2's projected pooled output
     empty_embeds: torch.Tensor  # [1, 77, cross_attention_dim] the "" prompt (caption dropout)
@@ -202,7 +205,8 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae
     with tempfile.TemporaryDirectory() as tokenizer_dir:  # used only if the CLIP folder has no tokenizer files
         frozen = make_pipeline(None, text_components(clip_path, tokenizer_dir), toy_vae(vae_path))
     cache = build_cache(config, frozen, progress=progress)
-    unet = build_toy_unet(config, cross_attention_dim=cache.prompt_embeds.shape[-1], pooled_dim=cache.pooled.shape[-1])
+    unet = build_toy_unet(config, cross_attention_dim=cache.prompt_embeds.shape[-1], pooled_dim=cache.pooled.shape[-1],
+                          latent_channels=cache.latent_mean.shape[1])  # fmt: skip
     n_params = sum(p.numel() for p in unet.parameters())
     logger.info("UNet: %.2f M parameters, %d images, %d steps at batch %d", n_params / 1e6, len(cache), config.steps,
                 config.batch_size)  # fmt: skip
