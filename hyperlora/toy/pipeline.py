@@ -8,7 +8,7 @@ CLIP and VAE are trained, `text_components(None)` and `toy_vae(None)` give seede
 stand-ins with the same classes, so every step downstream runs unchanged.
 
 The folder loads with plain diffusers, offline:
-    StableDiffusionXLPipeline.from_pretrained("data/toy/sdxl")
+    StableDiffusionXLPipeline.from_pretrained("data/toy/sdxl")  # float16 weights, loaded as float32
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusio
 from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..tokenizer import clip_tokenizer
+from .clip import declare_float32
 from .identity import LOOK_ATTRIBUTES, Look, caption, identity_params, sample_look, visible_attributes
 
 logger = logging.getLogger(__name__)
@@ -129,12 +130,18 @@ def make_pipeline(unet: UNet2DConditionModel | None, text: dict, vae: Autoencode
 
 def assemble_pipeline(unet_path: str | Path, out_dir: str | Path, *, clip_path=None, vae_path=None,
                       unet_dtype: torch.dtype = torch.float16) -> Path:  # fmt: skip
-    """Write the toy base model folder (safetensors; the UNet stored in `unet_dtype`, loaded back as float32)."""
+    """Write the toy base model folder (safetensors). The UNet and both text encoders are stored in `unet_dtype`
+    (the vocabulary embeddings dominate the folder's size) and loaded back as float32 by `load_toy_pipeline`;
+    the VAE stays float32."""
     out_dir = Path(out_dir)
-    unet = UNet2DConditionModel.from_pretrained(_model_dir(unet_path, ["unet"]), dtype=unet_dtype)
+    unet = UNet2DConditionModel.from_pretrained(_model_dir(unet_path, ["unet"]), torch_dtype=unet_dtype)
     text = text_components(clip_path, out_dir / "tokenizer")
+    for name in ("text_encoder", "text_encoder_2"):
+        text[name] = text[name].to(unet_dtype)
     pipe = make_pipeline(unet, text, toy_vae(vae_path))
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("text_encoder", "text_encoder_2"):  # plain from_pretrained(out_dir) gives float32 encoders
+        declare_float32(out_dir / name)
     sources = {"unet": str(unet_path), "clip": str(clip_path) if clip_path else "random stand-in",
                "vae": str(vae_path) if vae_path else "random stand-in"}  # fmt: skip
     (out_dir / "toy_sources.json").write_text(json.dumps(sources, indent=2) + "\n")
@@ -143,10 +150,12 @@ def assemble_pipeline(unet_path: str | Path, out_dir: str | Path, *, clip_path=N
 
 
 def load_toy_pipeline(path: str | Path | None = None, **kwargs) -> StableDiffusionXLPipeline:
-    """The toy base model (default `data/toy/sdxl` in the repo) as a StableDiffusionXLPipeline."""
+    """The toy base model (default `data/toy/sdxl` in the repo) as a StableDiffusionXLPipeline, in float32 unless
+    `torch_dtype` says otherwise (its weights are stored in float16)."""
     path = Path(path) if path is not None else DEFAULT_PIPELINE_DIR
     if not (path / "model_index.json").is_file():
         raise MissingToyModel(f"no toy SDXL pipeline at {path} (no model_index.json); build it with {BUILD_COMMAND}")
+    kwargs.setdefault("torch_dtype", torch.float32)
     return StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
 
 
