@@ -30,3 +30,71 @@ def test_shipped_face_models_load_and_tell_identities_apart():
     same = [float(embeddings[i, 0] @ embeddings[i, 1]) for i in people]
     different = [float(embeddings[i, 0] @ embeddings[j, 1]) for i in people for j in people if i != j]
     assert min(same) > max(different), f"same {np.round(same, 2)}, different max {max(different):.2f}"
+
+
+SHIPPED = ("clip", "faces", "vae", "sdxl")  # what `data/toy` holds in git (the build's unet/ is intermediate)
+BUDGET_MB = 60
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def test_the_toy_world_is_shipped_with_cards_within_its_size_budget():
+    missing = [name for name in SHIPPED if not (TOY / name / "model_card.json").is_file()]
+    assert not missing, f"not shipped: {missing} (python -m hyperlora.toy build --only ...)"
+    total = sum(_folder_mb(TOY / name) for name in SHIPPED)
+    assert total <= BUDGET_MB, f"shipped toy models take {total:.1f} MB > {BUDGET_MB} MB"
+
+
+def _test_renders(n: int) -> np.ndarray:
+    return np.stack([render_sample(identity, 0, seed=321).image for identity in split_identities("test")[:n]])
+
+
+def test_shipped_clip_loads_with_plain_from_pretrained_and_reads_colours():
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from hyperlora.toy.clip import attribute_classifiers
+    from hyperlora.toy.data import attributes_of
+
+    model = CLIPModel.from_pretrained(TOY / "clip").eval()
+    assert model.dtype == torch.float32, "float16 weights are declared float32 to compute in"
+    assert CLIPVisionModelWithProjection.from_pretrained(TOY / "clip").dtype == torch.float32
+    tokenizer, processor = CLIPTokenizer.from_pretrained(TOY / "clip"), CLIPImageProcessor.from_pretrained(TOY / "clip")
+    renders = [render_sample(identity, 0, seed=321) for identity in split_identities("test")[:20]]
+    pixels = processor(images=[r.image for r in renders], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        images = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    values, text = attribute_classifiers(model, tokenizer)["background_colour"]
+    predicted = [values[i] for i in (images @ text.T).argmax(-1).tolist()]
+    truth = [attributes_of(r)["background_colour"] for r in renders]
+    assert np.mean([p == t for p, t in zip(predicted, truth)]) >= 0.9, list(zip(predicted, truth))
+
+
+def test_shipped_vae_reconstructs_held_out_renders():
+    import torch
+    from diffusers import AutoencoderKL
+
+    from hyperlora.toy.vae import psnr
+
+    vae = AutoencoderKL.from_pretrained(TOY / "vae").eval()
+    images = torch.from_numpy(_test_renders(8)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    assert psnr(images, recon).mean() > 24
+
+
+def test_shipped_base_model_loads_with_plain_from_pretrained_and_generates():
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(TOY / "sdxl")
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype, pipe.vae.dtype} == {torch.float32}
+    shipped_vae = load_file(TOY / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(pipe.vae.state_dict()[k], v.float()) for k, v in shipped_vae.items()), "two different VAEs"
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a portrait of a person wearing a red hoodie, in front of a plain blue wall", num_inference_steps=4,
+               generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all() and out.images.std() > 0.05

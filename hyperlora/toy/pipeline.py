@@ -27,6 +27,7 @@ from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModel
 from ..tokenizer import clip_tokenizer
 from .clip import declare_float32
 from .identity import LOOK_ATTRIBUTES, Look, caption, identity_params, sample_look, visible_attributes
+from .render import render
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +242,16 @@ def evaluate_base_model(path_or_pipe, *, judge: Judge | None = None, detector: D
         per = {name: float(np.mean(h)) for name, h in hits.items() if h}
         figures["per_attribute_accuracy"] = per
         figures["attribute_accuracy"] = float(np.mean(list(itertools.chain(*hits.values()))))
+        # The judge's own accuracy on true renders of the same looks (random training identities): the
+        # ceiling the generations can reach under this judge, per attribute.
+        renders = np.stack([render(k % 1000, look, images.shape[1]).image for k, look in enumerate(rep_looks)])
+        judged = {name: [] for name in LOOK_ATTRIBUTES}
+        for look, predicted in zip(rep_looks, judge(renders), strict=True):
+            for name, value in visible_attributes(look).items():
+                if name in predicted:
+                    judged[name].append(predicted[name] == value)
+        figures["judge_accuracy_on_renders"] = {name: float(np.mean(h)) for name, h in judged.items() if h}
+        figures["judge_accuracy_on_renders_mean"] = float(np.mean(list(itertools.chain(*judged.values()))))
     if detector is not None:
         figures["face_rate"] = float(np.mean([len(detector(image)) > 0 for image in images]))
     if embedder is not None:
