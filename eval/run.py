@@ -1,4 +1,4 @@
-"""`python -m eval.run --world toy|sdxl --method hyperlora,base,renders --out runs/eval/NAME [--smoke]`: one run.
+r"""`python -m eval.run --world toy|sdxl --method hyperlora,base,renders --out runs/eval/NAME [--smoke]`: one run.
 
 Flags are the fields of `eval.protocol.EvalConfig`; the run folder gets config.json (with this
 command line and the git commit), records.jsonl, summary.json/.csv and the grids. Without

@@ -155,6 +155,16 @@ def ship_pipeline(out: Path, *, smoke: bool, standins: bool = False) -> Path:
     figures = evaluate_base_model(folder, **judges, **sizes)
     logger.info("toy SDXL evaluation: %s", figures)
     gates = figures.pop("gates")
+    faces_card = out / "faces" / "model_card.json"
+    if figures.get("identity_similarity") is not None and faces_card.is_file():
+        # Diversity: people generated for one prompt should look like different people to the toy ArcFace,
+        # i.e. their mean similarity should sit nearer its different-identity mean than its same-identity mean.
+        verification = read_model_card(out / "faces")["figures"]["verification"]
+        level = (verification["genuine_mean"] + verification["impostor_mean"]) / 2
+        figures["identity_levels"] = {"same_identity_mean": verification["genuine_mean"],
+                                      "different_identity_mean": verification["impostor_mean"]}  # fmt: skip
+        gates[f"identity_similarity <= {level:.3f}"] = figures["identity_similarity"] <= level
+        figures["passed"] = all(gates.values())
     unet_card = read_model_card(unet)
     figures["eval_seconds"] = time.perf_counter() - start
     figures["folder_mb"], figures["unet_mb"] = folder_size(folder) / 1e6, folder_size(folder / "unet") / 1e6

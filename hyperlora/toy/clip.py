@@ -155,7 +155,7 @@ def declare_float32(folder: str | Path) -> None:
     config = json.loads(path.read_text())
     config["dtype"] = "float32"
     for key in ("text_config", "vision_config"):
-        if isinstance(config.get(key), dict) and "dtype" in config[key]:
+        if isinstance(config.get(key), dict):  # read alone by CLIPVisionModelWithProjection / CLIPTextModel
             config[key]["dtype"] = "float32"
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

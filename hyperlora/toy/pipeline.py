@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..tokenizer import clip_tokenizer
+from ..tokenizer import clip_tokenizer, write_clip_tokenizer_files
 from .clip import declare_float32
 from .identity import LOOK_ATTRIBUTES, Look, caption, identity_params, sample_look, visible_attributes
 from .render import render
@@ -135,7 +135,7 @@ def assemble_pipeline(unet_path: str | Path, out_dir: str | Path, *, clip_path=N
     (the vocabulary embeddings dominate the folder's size) and loaded back as float32 by `load_toy_pipeline`;
     the VAE stays float32."""
     out_dir = Path(out_dir)
-    unet = UNet2DConditionModel.from_pretrained(_model_dir(unet_path, ["unet"]), torch_dtype=unet_dtype)
+    unet = UNet2DConditionModel.from_pretrained(_model_dir(unet_path, ["unet"]), dtype=unet_dtype)
     text = text_components(clip_path, out_dir / "tokenizer")
     for name in ("text_encoder", "text_encoder_2"):
         text[name] = text[name].to(unet_dtype)
@@ -143,6 +143,9 @@ def assemble_pipeline(unet_path: str | Path, out_dir: str | Path, *, clip_path=N
     pipe.save_pretrained(out_dir, safe_serialization=True)
     for name in ("text_encoder", "text_encoder_2"):  # plain from_pretrained(out_dir) gives float32 encoders
         declare_float32(out_dir / name)
+    for name in ("tokenizer", "tokenizer_2"):  # vocab.json + merges.txt (1.5 MB) rebuild tokenizer.json (3.6 MB)
+        write_clip_tokenizer_files(out_dir / name)
+        (out_dir / name / "tokenizer.json").unlink(missing_ok=True)
     sources = {"unet": str(unet_path), "clip": str(clip_path) if clip_path else "random stand-in",
                "vae": str(vae_path) if vae_path else "random stand-in"}  # fmt: skip
     (out_dir / "toy_sources.json").write_text(json.dumps(sources, indent=2) + "\n")
@@ -156,7 +159,8 @@ def load_toy_pipeline(path: str | Path | None = None, **kwargs) -> StableDiffusi
     path = Path(path) if path is not None else DEFAULT_PIPELINE_DIR
     if not (path / "model_index.json").is_file():
         raise MissingToyModel(f"no toy SDXL pipeline at {path} (no model_index.json); build it with {BUILD_COMMAND}")
-    kwargs.setdefault("torch_dtype", torch.float32)
+    if "torch_dtype" not in kwargs:  # diffusers' older spelling of `dtype`
+        kwargs.setdefault("dtype", torch.float32)
     return StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
 
 
