@@ -124,19 +124,23 @@ def git_commit() -> str:
 
 
 def reference_look_values(identity: int, prompts: list[Prompt], seed: int) -> dict[str, str]:
-    """Categorical look values for an identity's references, none equal to a value any selected prompt asks for."""
+    """Categorical look values for an identity's references, each one asked for by as few selected prompts as
+    possible (none, unless the prompts ask for every value of an attribute). Leakage is scored only where a
+    prompt asks for a value unlike the reference's (`metrics.look_leakage`), so a shared value costs pairs, not
+    correctness."""
     rng = np.random.default_rng([seed, identity, 7])
-    asked: dict[str, set] = {}
+    asked: dict[str, dict[str, int]] = {}
     for prompt in prompts:
         for name, value in prompt.attributes.items():
-            asked.setdefault(name, set()).add(value)
+            counts = asked.setdefault(name, {})
+            counts[value] = counts.get(value, 0) + 1
     values = {}
     for name, options in LOOK_ATTRIBUTES.items():
-        allowed = [o for o in options if o not in asked.get(name, ())]
+        counts = asked.get(name, {})
         if name == "glasses" and asked.get("glasses_colour"):
-            allowed = [o for o in allowed if o != "none"] or allowed  # glasses on, so their colour can leak
-        if not allowed:
-            raise ValueError(f"the selected prompts ask for every value of {name}: no reference look can differ")
+            options = [o for o in options if o != "none"]  # glasses on, so their colour can leak
+        fewest = min(counts.get(o, 0) for o in options)
+        allowed = [o for o in options if counts.get(o, 0) == fewest]
         values[name] = str(rng.choice(allowed))
     return values
 

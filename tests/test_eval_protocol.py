@@ -11,6 +11,7 @@ from eval.metrics import id_similarity
 from hyperlora.conditioning import backends
 from hyperlora.conditioning.faces import Face, FaceAnalyzer
 from eval.protocol import EvalConfig, ToyWorld, build_smoke_toy, eval_seed, format_table, run_evaluation
+from hyperlora.toy.identity import LOOK_ATTRIBUTES
 from eval.run import config_from_args, parser
 from hyperlora.toy.render import render, sample_look
 
@@ -145,3 +146,21 @@ def test_hyperlora_checkpoint_personalises_and_resets(toy_dir, tmp_path, monkeyp
     records = read_records(tmp_path / "run")
     for h, b in zip(records[:2], records[2:]):
         assert (h["variant"], b["variant"], h["eval_seed"]) == ("hyperlora", "base", b["eval_seed"])
+
+
+def test_reference_looks_avoid_asked_values_and_survive_prompt_sets_that_ask_every_value():
+    from eval.prompts import Prompt, load_prompts
+    from eval.protocol import reference_look_values
+
+    prompts = load_prompts("toy")
+    for identity in range(5):
+        values = reference_look_values(identity, prompts, seed=0)
+        for name, value in values.items():
+            counts = [sum(p.attributes.get(name) == v for p in prompts) for v in LOOK_ATTRIBUTES[name]]
+            if name == "glasses" and any("glasses_colour" in p.attributes for p in prompts):
+                counts = [c for v, c in zip(LOOK_ATTRIBUTES[name], counts) if v != "none"]
+            asked = sum(p.attributes.get(name) == value for p in prompts)
+            assert asked == min(counts), f"{name}={value} is asked by {asked} prompts, some value by {min(counts)}"
+    every = [Prompt(f"a person wearing a {kind}", "look", {"clothing_type": kind})
+             for kind in LOOK_ATTRIBUTES["clothing_type"]]  # fmt: skip
+    assert reference_look_values(0, every, seed=0)["clothing_type"] in LOOK_ATTRIBUTES["clothing_type"]
