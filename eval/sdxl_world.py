@@ -143,7 +143,7 @@ class SDXLWorld:
                                           num_references=config.num_references,
                                           held_out="renders" in methods)  # fmt: skip
         self.pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, local_files_only=True,
-                                                              torch_dtype=torch.float32)  # CPU
+                                                              dtype=torch.float32)  # CPU
         self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(
             self.pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
         )  # DPM++ 2M Karras, the official workflows' sampler, on the model's own noise schedule

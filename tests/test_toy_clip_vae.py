@@ -140,7 +140,7 @@ def test_hard_batches_share_an_attribute_and_never_repeat_an_image():
 
 
 def test_vae_shapes_and_scaling_factor(vae_dir):
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).eval()
     images = torch.from_numpy(_renders(2)).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mode()

@@ -37,7 +37,7 @@ class ClipImageEncoder:
             )
         self.path = path
         self.processor = CLIPImageProcessor.from_pretrained(path)
-        self.model = CLIPVisionModelWithProjection.from_pretrained(path, use_safetensors=True, torch_dtype=dtype)
+        self.model = CLIPVisionModelWithProjection.from_pretrained(path, use_safetensors=True, dtype=dtype)
         self.model.to(device).eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
 

@@ -155,7 +155,7 @@ def assemble_pipeline(unet_path: str | Path, out_dir: str | Path, *, clip_path=N
 
 def load_toy_pipeline(path: str | Path | None = None, **kwargs) -> StableDiffusionXLPipeline:
     """The toy base model (default `data/toy/sdxl` in the repo) as a StableDiffusionXLPipeline, in float32 unless
-    `torch_dtype` says otherwise (its weights are stored in float16)."""
+    `dtype` says otherwise (its weights are stored in float16)."""
     path = Path(path) if path is not None else DEFAULT_PIPELINE_DIR
     if not (path / "model_index.json").is_file():
         raise MissingToyModel(f"no toy SDXL pipeline at {path} (no model_index.json); build it with {BUILD_COMMAND}")

@@ -247,7 +247,7 @@ def evaluate_vae(path: str | Path, *, split: str = "test", n_per_identity: int =
     [N, D]) also the cosine between embeddings of the originals and of their reconstructions."""
     if threads:
         torch.set_num_threads(threads)
-    vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(path, dtype=torch.float32).eval()
     identities = split_identities(split)
     identities = identities[:num_identities] if num_identities else identities
     arrays = render_arrays(ToyPortraits(identities, n_per_identity, seed, size=vae.config.sample_size), progress=False)
