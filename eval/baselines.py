@@ -84,15 +84,16 @@ class HyperLoRAMethod(Method):
 
         self.config = config
         analyzer = make_face_analyzer(config.face_backend, **world.backend_kwargs(config.face_backend))
-        clip = ClipImageEncoder(world.clip_dir, world=world.world)
+        device, dtype = config.device, config.torch_dtype
+        clip = ClipImageEncoder(world.clip_dir, world=world.world, device=device, dtype=dtype)
         if config.checkpoint:
-            model = load_checkpoint(config.checkpoint, unet=world.pipe.unet)
+            model = load_checkpoint(config.checkpoint, unet=world.pipe.unet, dtype=dtype, device=device)
             self.label = f"hyperlora checkpoint {config.checkpoint}"
         else:
             torch.manual_seed(config.seed)
             model_config = preset("tiny", dim=clip.hidden_size, id_embed_dim=analyzer.embedding_dim,
                                   has_base_lora=config.base_scale > 0)  # fmt: skip
-            model = HyperLoRA(model_config, find_targets(world.pipe.unet)).eval()
+            model = HyperLoRA(model_config, find_targets(world.pipe.unet)).eval().to(device, dtype)
             self.label, self.plumbing_only = "hyperlora UNTRAINED (fresh init, no checkpoint): NOT a result", True
             logger.warning("*** no HyperLoRA checkpoint: evaluating a freshly initialised, UNTRAINED hypernetwork ***")
         with_base = config.base_scale > 0 and model.config.has_base_lora
@@ -133,14 +134,15 @@ class DreamBooth(Method):
 
     def _data(self, identity: dict) -> dict:
         """The references as scaled VAE latents and the instance prompt's text states (frozen parts, once)."""
-        pipe, size = self.world.pipe, self.config.size
+        pipe, size, device = self.world.pipe, self.config.size, self.config.device
         pixels = torch.from_numpy(identity["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
+        pixels = pixels.to(device, pipe.vae.dtype)
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         instance = f"{DREAMBOOTH_TOKEN}, a portrait of a person"  # DreamBooth's "a [V] [class]" prompt
-        embeds, _, pooled, _ = pipe.encode_prompt(instance, device="cpu", num_images_per_prompt=1,
+        embeds, _, pooled, _ = pipe.encode_prompt(instance, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)  # fmt: skip
         n = len(latents)
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(n, 1)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=latents.dtype, device=device).repeat(n, 1)
         return {"latents": latents, "encoder_hidden_states": embeds.expand(n, -1, -1),
                 "text_embeds": pooled.expand(n, -1), "time_ids": time_ids}  # fmt: skip
 
@@ -159,6 +161,8 @@ class DreamBooth(Method):
             start = time.perf_counter()
             batch = self._data(identity)
             params = [p for name, p in unet.named_parameters() if "lora" in name]
+            for p in params:  # the LoRA trains in float32 under a half-precision UNet (peft casts at the boundary)
+                p.data = p.data.float()
             optimizer = torch.optim.AdamW(params, lr=c.dreambooth_lr)
             scheduler = DDPMScheduler(**NOISE_SCHEDULE)
             generator = torch.Generator().manual_seed(eval_seed(c.seed, identity["id"], 2))  # noise and timesteps

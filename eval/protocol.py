@@ -76,8 +76,18 @@ class EvalConfig:
     dreambooth_steps: str = "50,100,200"  # comma-separated cumulative step counts to score
     dreambooth_rank: int = 4
     dreambooth_lr: float = 1e-3
+    device: str = "cpu"  # where the pipeline, the hypernetwork and DreamBooth run ("cuda" for real SDXL); the
+    # judges (CLIP, face, LPIPS) stay on the CPU. Generators are CPU generators, so images do not depend on it
+    dtype: str = "float32"  # the pipeline's and the hypernetwork's dtype ("float16" on a GPU); DreamBooth's LoRA
+    # weights train in float32 whatever this is
     seed: int = 0  # evaluation seed: references and generators derive from it
     smoke: bool = False  # tiny sizes; marks every figure as plumbing
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        return getattr(torch, self.dtype)
 
     def method_list(self) -> list[str]:
         names = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -160,7 +170,7 @@ class ToyWorld:
         from .extractors import ClipExtractor, FaceEmbeddingExtractor, LPIPSModel
 
         self.config, self.dir = config, Path(config.toy_dir)
-        self.pipe = load_toy_pipeline(self.dir / "sdxl")
+        self.pipe = load_toy_pipeline(self.dir / "sdxl", dtype=config.torch_dtype).to(config.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.clip_dir = self.dir / "clip"  # the hypernetwork's image encoder
         self.clip = ClipExtractor(self.clip_dir)

@@ -23,7 +23,8 @@ path scores both worlds. What differs, and why:
 - The label says whether the weights are real: a UNet of SDXL's published architecture and a ViT-L/14
   CLIP are taken as pretrained; anything else (e.g. hyperlora.worlds.sdxl.tiny_pipeline saved to a folder)
   is a RANDOM stand-in and makes every number a plumbing check. Real photos are the references either way.
-- Everything runs on the CPU in float32, as the toy world does.
+- The pipeline, hypernetwork and DreamBooth run on `device` in `dtype` (EvalConfig; "cuda" and "float16" for real
+  SDXL); the judges stay on the CPU. Only the CPU path is tested here (float32 and bfloat16): no GPU was lent.
 """
 
 from __future__ import annotations
@@ -142,8 +143,8 @@ class SDXLWorld:
         self.identities = scan_references(config.references, num_identities=config.num_identities,
                                           num_references=config.num_references,
                                           held_out="renders" in methods)  # fmt: skip
-        self.pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, local_files_only=True,
-                                                              dtype=torch.float32)  # CPU
+        self.pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, local_files_only=True, dtype=config.torch_dtype)
+        self.pipe.to(config.device)
         self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(
             self.pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
         )  # DPM++ 2M Karras, the official workflows' sampler, on the model's own noise schedule

@@ -66,7 +66,8 @@ class PersonalizedPipeline:
         timings["conditioning"] = 1000 * (time.perf_counter() - start)
         start = time.perf_counter()
         parameter = next(self.hyperlora.parameters())
-        kwargs = {k: (v.to(parameter.device) if torch.is_tensor(v) else v) for k, v in features.generate_kwargs().items()}
+        kwargs = {k: (v.to(parameter.device, parameter.dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+                  for k, v in features.generate_kwargs().items()}  # fmt: skip
         if base_scale == 0 or not self.hyperlora.config.has_base_lora:
             kwargs["clip_blurred"] = None
         loras = self.hyperlora.generate(**kwargs)

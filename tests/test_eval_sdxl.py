@@ -175,3 +175,18 @@ def test_reference_folder_errors_name_the_folder_and_what_is_expected(layout, ov
     config = sdxl_config(models, references, references=str(root), **overrides)
     with pytest.raises(error, match=message.replace("ROOT", re.escape(str(root)))):
         run_evaluation(config, tmp_path / "run")
+
+
+def test_a_half_precision_run_keeps_every_method_working(models, references, tmp_path):
+    """bfloat16 on the CPU stands in for float16 on a GPU: the pipeline, the hypernetwork and the conditioning run
+    in the run's dtype, DreamBooth's LoRA trains in float32 beside it, and the judges stay in float32."""
+    config = sdxl_config(models, references, dtype="bfloat16", methods="hyperlora,base,dreambooth", prompts="0",
+                         seeds_per_prompt=1)  # fmt: skip
+    with pytest.warns(UserWarning, match="not independent"):
+        summary = run_evaluation(config, tmp_path)
+    assert [row["variant"] for row in summary["rows"]] == ["hyperlora", "base", "dreambooth@1"]
+    assert all(np.isfinite(r["clip_t"]) for r in read_records(tmp_path))
+    assert summary["rows"][0]["personalization_failures"] == 0, "personalisation failed in bfloat16"
+    assert summary["rows"][0]["personalize_hypernetwork_ms"] > 0
+    with pytest.raises(ValueError, match="dtype must be"):
+        sdxl_config(models, references, dtype="float64").torch_dtype

@@ -177,7 +177,7 @@ def diffusion_loss(unet, noise_scheduler: DDPMScheduler, batch: dict, generator:
                    snr_gamma: float | None) -> torch.Tensor:  # fmt: skip
     """DDPM epsilon-prediction MSE (Ho et al. 2020, eq. 14), Min-SNR-gamma weighted if `snr_gamma`."""
     latents = batch["latents"]
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
     timesteps = timesteps.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
