@@ -188,10 +188,15 @@ class ToyWorld:
         return {"model_dir": self.dir / "faces", "det_threshold": self.config.det_threshold} if name == "toy" else {}
 
     def _label(self) -> str:
-        """Whether the toy base model passed its quality gates (its model card says), and whether this is a smoke run."""
-        card = self.dir / "sdxl" / "model_card.json"
-        self.gates_passed = bool(card.is_file() and json.loads(card.read_text()).get("passed"))
-        state = "passed their quality gates" if self.gates_passed else "NOT at their quality gates (smoke/untrained)"
+        """Whether every toy model passed its quality gates (their model cards say), and whether this is a smoke run."""
+        failed = []
+        for name in ("clip", "faces", "vae", "sdxl"):
+            card = self.dir / name / "model_card.json"
+            if not (card.is_file() and json.loads(card.read_text()).get("passed")):
+                failed.append(name)
+        self.gates_passed = not failed
+        state = ("passed their quality gates" if self.gates_passed else
+                 f"NOT at their quality gates ({', '.join(failed)}: see their model_card.json)")  # fmt: skip
         return f"toy models at {self.dir}: {state}" + (", smoke-size evaluation" if self.config.smoke else "")
 
     @property
