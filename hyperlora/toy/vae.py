@@ -1,14 +1,15 @@
-"""The toy VAE: a diffusers `AutoencoderKL` with f = 4 (64 x 64 renders <-> 16 x 16 x 4 latents).
+"""The toy VAE: a diffusers `AutoencoderKL` with f = 4 (64 x 64 renders <-> 8 x 16 x 16 latents).
 
-Trained from scratch on toy renders with an L1 + L2 reconstruction loss, an L1 loss on image
+Trained from scratch on toy renders with an L1 + L2 reconstruction loss (face pixels, from the
+renders' masks, weighted `face_weight` times more), an L1 loss on image
 gradients (a cheap stand-in for a perceptual loss: it rewards sharp edges, and no pretrained
 network is available offline) and a small KL term. As in Stable Diffusion, `scaling_factor` in
 its config is 1 / std of the latents measured on training renders, so that scaled latents have
 unit variance for the toy UNet.
 
-Gate (`evaluate_vae`): reconstruction PSNR >= 28 dB on held-out ('test') renders. Identity
-preservation through the VAE needs a face embedder (the toy ArcFace): pass it as `face_embed`
-and the mean cosine between the embeddings of originals and reconstructions is reported too.
+Gates (`evaluate_vae`): reconstruction PSNR >= 28 dB on held-out ('test') renders, and identity
+kept through the VAE: mean toy-ArcFace cosine >= 0.9 between originals and reconstructions. The
+identity figure needs a face embedder: pass it as `face_embed` (the build passes the toy faces').
 """
 
 from __future__ import annotations
