@@ -128,3 +128,16 @@ def test_build_steps_keep_order_and_a_missing_trainer_fails_its_step_only():
         _trainer(Step("x", "hyperlora.toy.not_yet", "train_x", "XConfig", "x"))
     with pytest.raises(StepUnavailable, match="has no train_nothing"):
         _trainer(Step("x", "hyperlora.toy.unet", "train_nothing", "UNetTrainConfig", "x"))
+
+
+def test_parallel_build_runs_steps_side_by_side_and_fails_only_what_depends_on_a_failure(tmp_path):
+    from hyperlora.toy.build import build
+
+    # jobs=2: vae and unet are started as processes; unet waits for vae, then fails for want of clip/ (no stand-ins),
+    # and sdxl (--only unet's alias) fails because unet did
+    outcomes = build(tmp_path, smoke=True, only=["vae", "unet"], jobs=2)
+    assert list(outcomes) == ["vae", "unet", "sdxl"]
+    assert outcomes["vae"].startswith("done") and (tmp_path / "vae" / "model_card.json").is_file()
+    assert outcomes["unet"].startswith("FAILED") and "unet.log" in outcomes["unet"]
+    assert "clip: build it first (--only clip)" in (tmp_path / "logs" / "unet.log").read_text()
+    assert outcomes["sdxl"] == "FAILED: needs unet, which failed"
