@@ -223,11 +223,9 @@ def evaluate_faces(model_dir, config: FaceEvalConfig | None = None, *, write_car
     return {"figures": figures, "gates": gates, "passed": all(gates.values())}
 
 
-def plot_cosines(genuine: np.ndarray, impostor: np.ndarray, threshold: float, path) -> None:
-    """Histograms of genuine and impostor cosine similarities with the decision threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_cosines(genuine: np.ndarray, impostor: np.ndarray, threshold: float, path=None):
+    """Histograms of genuine and impostor cosine similarities with the decision threshold; saved to `path`
+    (and closed) if given, else returned for a notebook to show."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -238,8 +236,11 @@ def plot_cosines(genuine: np.ndarray, impostor: np.ndarray, threshold: float, pa
     ax.set(xlabel="cosine similarity", ylabel="density", title="toy recognizer on test identities")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return None
 
 
 def _write_card(model_dir: Path, config: FaceEvalConfig, figures: dict, gates: dict) -> None:

@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from .cards import CARD_JSON, read_model_card
-from .faces import box_iou
+from .faces import box_iou, plot_cosines  # noqa: F401  (the notebook's cosine histogram)
 from .render import Render
 
 # folder -> (what it is, the file that says the model is there, key figures of its card as dotted paths)
@@ -177,19 +177,6 @@ def plot_detections(renders: list[Render], detections: list):
         iou = box_iou(np.asarray(d.box), np.asarray(r.box))
         ax.set_title(f"score {d.score:.2f}  IoU {iou:.2f}\nkeypoints off {error:.1f} px", fontsize=7)
         ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def plot_cosines(genuine: np.ndarray, impostor: np.ndarray, threshold: float):
-    """Histograms of same-identity and different-identity cosine similarities, with the decision threshold."""
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    bins = np.linspace(-1, 1, 61)
-    ax.hist(impostor, bins, density=True, alpha=0.6, label=f"different identity ({len(impostor)} pairs)")
-    ax.hist(genuine, bins, density=True, alpha=0.6, label=f"same identity ({len(genuine)} pairs)")
-    ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.2f} (card, from val)")
-    ax.set(xlabel="cosine similarity", ylabel="density", title="toy recogniser on test identities")
-    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
