@@ -176,7 +176,7 @@ class ToyWorld:
         self.clip = ClipExtractor(self.clip_dir)
         analyzer = make_face_analyzer(config.judge_backend, **self.backend_kwargs(config.judge_backend))
         self.face_judge = FaceEmbeddingExtractor(analyzer, min_face_size=config.min_face_size)
-        self.attribute_judge = clip_judge(self.dir / "clip")
+        self.attribute_judge = clip_judge(self.clip_dir)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the random-trunk warning: recorded as lpips_real in the summary
             self.lpips = LPIPSModel(seed=config.seed)

@@ -42,11 +42,12 @@ class Step:
     config: str  # dataclass with a `smoke()` preset
     folder: str  # output folder under the build's out dir (wiped before training: from scratch)
     needs: tuple[str, ...] = ()  # steps whose folders this one reads, passed as `<name>_path=`
+    face_judged: bool = False  # gets `face_embed=`: the toy face models judge identity in its evaluation
 
 
 STEPS = (
     Step("clip", "hyperlora.toy.clip", "train_clip", "CLIPTrainConfig", "clip"),
-    Step("vae", "hyperlora.toy.vae", "train_vae", "VAETrainConfig", "vae"),
+    Step("vae", "hyperlora.toy.vae", "train_vae", "VAETrainConfig", "vae", face_judged=True),
     Step("faces", "hyperlora.toy.faces", "build_faces", "FaceTrainConfig", "faces"),  # detector + recogniser + card
     Step("unet", "hyperlora.toy.unet", "train_unet", "UNetTrainConfig", "unet", needs=("clip", "vae")),
 )
@@ -108,8 +109,8 @@ def run_step(step: Step, out: Path, *, smoke: bool, standins: bool = False) -> P
     trainer, config_class = _trainer(step)
     paths = _needed_paths(step, out, standins)
     config = config_class.smoke() if smoke else config_class()
-    if step.name == "vae":
-        paths["face_embed"] = _vae_face_judge(out)
+    if step.face_judged:
+        paths["face_embed"] = _face_judge(out, step.name)
     folder = out / step.folder
     if folder.exists():
         shutil.rmtree(folder)
@@ -117,16 +118,16 @@ def run_step(step: Step, out: Path, *, smoke: bool, standins: bool = False) -> P
     return trainer(config, folder, **paths)
 
 
-def _vae_face_judge(out: Path):
-    """Identity through the VAE is judged by the toy face models: the build's own if finished (card
-    written), else the shipped ones. They are loaded now, before a parallel faces step may wipe them."""
+def _face_judge(out: Path, step: str):
+    """The toy ArcFace embedder that judges identity in a step's evaluation: the build's own face models if
+    finished (card written), else the shipped ones. Loaded now, before a parallel faces step may wipe them."""
     from .pipeline import face_judges
 
     for folder in (out / "faces", DEFAULT_TOY_DIR / "faces"):
         if (folder / "model_card.json").is_file() and (folder / "recognizer.onnx").is_file():
-            logger.info("step vae: identity judged by the face models in %s", folder)
+            logger.info("step %s: identity judged by the face models in %s", step, folder)
             return face_judges(folder)[1]
-    logger.warning("step vae: no finished toy face models: identity through the VAE is not measured")
+    logger.warning("step %s: no finished toy face models: identity is not measured", step)
     return None
 
 

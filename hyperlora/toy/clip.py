@@ -6,7 +6,8 @@ vision tower's `hidden_states[-2]` are the hypernetwork's CLIP image features
 (`CLIPVisionModelWithProjection`). The folder written by `train_clip` holds the weights
 (safetensors), the real CLIP BPE tokenizer and a `CLIPImageProcessor` for 64 px images, so every
 standard loader reads it offline. Weights are stored in float16 (the vocabulary's 49,408
-embeddings dominate the size): load with `dtype=torch.float32` to run on a CPU.
+embeddings dominate the size) and the config declares float32 (`declare_float32`), so a plain
+`from_pretrained` runs on a CPU.
 
 Training is CLIP's symmetric InfoNCE with a learnable temperature (AdamW, cosine schedule) over
 pre-rendered training renders. Half of the captions are rebuilt each step to name a random subset of
@@ -373,15 +374,15 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
             images, indices = next(batches)  # HardBatches never runs out
             texts, named = _batch_texts(indices.tolist(), arrays, config.partial_captions, caption_rng,
                                         config.partial_keep)  # fmt: skip
-            truth = caption_targets(named, [arrays["attributes"][i] for i in indices.tolist()])
+            batch_attributes = [arrays["attributes"][i] for i in indices.tolist()]
+            truth = caption_targets(named, batch_attributes)
             tokens = tokenizer(texts, padding="longest", truncation=True, max_length=77, return_tensors="pt")
             output = model(**tokens.to(accelerator.device), pixel_values=images)
             loss = multi_positive_loss(output.logits_per_image, truth.to(images.device))
             if config.label_weight:
-                batch_attributes = [arrays["attributes"][i] for i in indices.tolist()]
-                image_embeds = F.normalize(output.image_embeds, dim=-1)
-                loss = loss + config.label_weight * label_loss(accelerator.unwrap_model(model), tokenizer, image_embeds,
-                                                               batch_attributes, caption_rng, images.device)  # fmt: skip
+                labels = label_loss(accelerator.unwrap_model(model), tokenizer, output.image_embeds, batch_attributes,
+                                    caption_rng, images.device)  # image_embeds: already unit vectors  # fmt: skip
+                loss = loss + config.label_weight * labels
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()

@@ -3,7 +3,8 @@
 The toy SDXL has the real SDXL's parts at toy scale: both text encoders are the toy CLIP's text
 tower (`CLIPTextModel` and `CLIPTextModelWithProjection` with the same weights), the tokenizers
 are the real CLIP BPE (the second pads with "!"), the VAE is a toy `AutoencoderKL` (f = 4:
-64x64 images -> 8x16x16 latents; see `hyperlora.toy.vae` for why 8 channels, not SDXL's 4) and the UNet comes from `hyperlora.toy.unet`. Until the toy
+64x64 images -> 8x16x16 latents; `hyperlora.toy.vae` says why 8 channels, not SDXL's 4) and the
+UNet comes from `hyperlora.toy.unet`. Until the toy
 CLIP and VAE are trained, `text_components(None)` and `toy_vae(None)` give seeded random
 stand-ins with the same classes, so every step downstream runs unchanged.
 
@@ -217,6 +218,17 @@ def generate(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], *, seeds: 
     return np.stack(images)
 
 
+def judge_accuracy(judge: Judge, images: np.ndarray, looks: Sequence[Look]) -> tuple[dict[str, float], float]:
+    """How often `judge` reads each visible attribute of image i's look: per attribute, and over all pairs."""
+    hits: dict[str, list[bool]] = {name: [] for name in LOOK_ATTRIBUTES}
+    for look, predicted in zip(looks, judge(images), strict=True):
+        for name, value in visible_attributes(look).items():
+            if name in predicted:
+                hits[name].append(predicted[name] == value)
+    per = {name: float(np.mean(h)) for name, h in hits.items() if h}
+    return per, float(np.mean(list(itertools.chain(*hits.values()))))
+
+
 def evaluate_base_model(path_or_pipe, *, judge: Judge | None = None, detector: Detector | None = None,
                         embedder: Embedder | None = None, num_prompts: int = 32, per_prompt: int = 4,
                         steps: int = 20, guidance_scale: float = 5.0, seed: int = 1234) -> dict:  # fmt: skip
@@ -238,24 +250,12 @@ def evaluate_base_model(path_or_pipe, *, judge: Judge | None = None, detector: D
     figures = {"attribute_accuracy": None, "per_attribute_accuracy": None, "face_rate": None,
                "identity_similarity": None, "num_images": len(images)}  # fmt: skip
     if judge is not None:
-        hits: dict[str, list[bool]] = {name: [] for name in LOOK_ATTRIBUTES}
-        for look, predicted in zip(rep_looks, judge(images), strict=True):
-            for name, value in visible_attributes(look).items():
-                if name in predicted:
-                    hits[name].append(predicted[name] == value)
-        per = {name: float(np.mean(h)) for name, h in hits.items() if h}
-        figures["per_attribute_accuracy"] = per
-        figures["attribute_accuracy"] = float(np.mean(list(itertools.chain(*hits.values()))))
+        figures["per_attribute_accuracy"], figures["attribute_accuracy"] = judge_accuracy(judge, images, rep_looks)
         # The judge's own accuracy on true renders of the same looks (random training identities): the
         # ceiling the generations can reach under this judge, per attribute.
         renders = np.stack([render(k % 1000, look, images.shape[1]).image for k, look in enumerate(rep_looks)])
-        judged = {name: [] for name in LOOK_ATTRIBUTES}
-        for look, predicted in zip(rep_looks, judge(renders), strict=True):
-            for name, value in visible_attributes(look).items():
-                if name in predicted:
-                    judged[name].append(predicted[name] == value)
-        figures["judge_accuracy_on_renders"] = {name: float(np.mean(h)) for name, h in judged.items() if h}
-        figures["judge_accuracy_on_renders_mean"] = float(np.mean(list(itertools.chain(*judged.values()))))
+        figures["judge_accuracy_on_renders"], figures["judge_accuracy_on_renders_mean"] = judge_accuracy(
+            judge, renders, rep_looks)
     if detector is not None:
         figures["face_rate"] = float(np.mean([len(detector(image)) > 0 for image in images]))
     if embedder is not None:

@@ -205,7 +205,8 @@ def train_vae(config: VAETrainConfig, out_dir: str | Path, *, evaluate: bool = T
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
-                train_psnr = 10 * np.log10(4.0 / max(terms["l2"], 1e-12))  # face-weighted; [-1, 1] pixels: peak-to-peak 2
+                # face-weighted; [-1, 1] pixels: peak-to-peak 2
+                train_psnr = 10 * np.log10(4.0 / max(terms["l2"], 1e-12))
                 bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{train_psnr:.1f}")
                 log.info("step %d/%d loss %.4f train PSNR %.2f dB kl %.3f", step, config.steps, loss.item(),
                          train_psnr, terms["kl"])  # fmt: skip
