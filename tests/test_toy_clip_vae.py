@@ -12,7 +12,8 @@ from transformers import (CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPText
 
 from hyperlora.tokenizer import clip_tokenizer
 from hyperlora.toy.cards import read_model_card, write_model_card
-from hyperlora.toy.clip import (CLIPTrainConfig, HardBatches, attribute_prompts, caption_targets, evaluate_clip,
+from hyperlora.toy.clip import (AttributeHeads, CLIPTrainConfig, HardBatches, attribute_prompts, caption_targets,
+                                evaluate_clip,
                                 multi_positive_loss, partial_caption,
                                 pixel_values, train_clip)  # fmt: skip
 from hyperlora.toy.data import attributes_of
@@ -125,6 +126,20 @@ def test_multi_positive_loss_is_clips_loss_with_one_positive_and_rewards_all_tru
     agree = torch.eye(6) * 10
     agree[0, 1] = agree[1, 0] = 10
     assert multi_positive_loss(agree, truth) < multi_positive_loss(torch.eye(6) * 10, truth)
+
+
+def test_attribute_heads_average_the_visible_attributes_only():
+    heads = AttributeHeads(4)
+    for head in heads.heads.values():  # zero logits: each term is log(number of values)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    look = {name: values[0] for name, values in LOOK_ATTRIBUTES.items()}
+    chance = {name: np.log(len(values)) for name, values in LOOK_ATTRIBUTES.items()}
+    loss = heads(torch.randn(2, 4), [look, look])
+    assert loss.item() == pytest.approx(np.mean(list(chance.values())), rel=1e-5)
+    hidden = {**look, "glasses_colour": ""}  # no glasses: their colour is not in the picture, nor in the loss
+    loss = heads(torch.randn(2, 4), [hidden, hidden])
+    assert loss.item() == pytest.approx(np.mean([v for k, v in chance.items() if k != "glasses_colour"]), rel=1e-5)
 
 
 def test_hard_batches_share_an_attribute_and_never_repeat_an_image():

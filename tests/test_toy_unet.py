@@ -14,7 +14,8 @@ from hyperlora.toy.pipeline import (
     MissingToyModel, assemble_pipeline, evaluate_base_model, load_toy_pipeline, mean_pairwise_cosine,
 )  # fmt: skip
 from hyperlora.toy.unet import (
-    LOSSES_FILE, TrainingCache, UNetTrainConfig, build_toy_unet, load_unet_train_config, sample_batch, train_unet,
+    LOSSES_FILE, TrainingCache, UNetTrainConfig, build_toy_unet, diffusion_loss, load_unet_train_config, sample_batch,
+    train_unet,
 )  # fmt: skip
 
 # Three SDXL-layout levels, narrow: the smoke run takes seconds.
@@ -59,6 +60,48 @@ def test_unknown_config_keys_raise():
         UNetTrainConfig.from_dict({"steps": 3, "stepz": 4})
 
 
+class _Oracle(torch.nn.Module):
+    """A 'UNet' that returns a fixed prediction, to check which target the loss compares it with."""
+
+    def __init__(self, prediction: torch.Tensor):
+        super().__init__()
+        self.prediction = prediction
+
+    def forward(self, noisy, timesteps, states, added_cond_kwargs):
+        return type("Out", (), {"sample": self.prediction})()
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_diffusion_loss_is_zero_only_for_the_scheduler_target(kind):
+    from diffusers import DDPMScheduler
+
+    from hyperlora.toy.pipeline import NOISE_SCHEDULE
+
+    scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type=kind)
+    latents = torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+    batch = {"latents": latents, "encoder_hidden_states": None, "text_embeds": None, "time_ids": None}
+    # the loss draws noise then timesteps from its generator: draw them the same way to build the target
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(1000, (4,), generator=g)
+    target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    other = scheduler.get_velocity(latents, noise, timesteps) if kind == "epsilon" else noise
+    for gamma in (None, 5.0):
+        exact = diffusion_loss(_Oracle(target), scheduler, batch, torch.Generator().manual_seed(0), gamma)
+        wrong = diffusion_loss(_Oracle(other), scheduler, batch, torch.Generator().manual_seed(0), gamma)
+        assert exact.item() == pytest.approx(0.0, abs=1e-10) and wrong.item() > 1e-3
+
+
+def test_old_unet_cards_mean_epsilon(tmp_path):
+    from hyperlora.toy.pipeline import trained_prediction_type
+
+    assert trained_prediction_type(tmp_path) == "epsilon"
+    (tmp_path / "training_card.json").write_text(json.dumps({"config": {"steps": 3}}))
+    assert trained_prediction_type(tmp_path) == "epsilon"
+    (tmp_path / "model_card.json").write_text(json.dumps({"config": {"prediction_type": "v_prediction"}}))
+    assert trained_prediction_type(tmp_path) == "v_prediction"
+
+
 def test_caption_dropout_replaces_text_with_the_empty_prompt():
     n, tokens, width, pooled = 6, 77, 8, 4
     cache = TrainingCache(
@@ -80,6 +123,9 @@ def test_pipeline_folder_loads_offline_and_generates_64px(pipeline_dir):
     assert pipe.unet.dtype == torch.float32, "the fp16-shipped UNet should load as float32 on CPU"
     assert pipe.tokenizer_2.pad_token == "!"
     assert pipe.scheduler.config.use_karras_sigmas and pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipe.scheduler.config.prediction_type == UNetTrainConfig().prediction_type == "v_prediction", (
+        "the sampler must read the UNet's output as what it was trained to predict"
+    )
     assert len(find_targets(pipe.unet)) > 0
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a portrait of a person with short red hair", num_inference_steps=2, output_type="np",

@@ -90,6 +90,12 @@ class CLIPTrainConfig:
     label_weight: float = 1.0  # weight of the image-label term (`label_loss`); 0 turns it off. Without it,
     # colours alone separate a batch, and shapes (pattern, clothing type, hairstyle, expression) stayed near
     # chance: zero-shot mean 0.41 after 1,250 steps with partial captions, 0.39 after 2,000 without
+    head_weight: float = 1.0  # weight of the auxiliary attribute heads (`AttributeHeads`): linear classifiers of
+    # every look attribute on the vision tower's pooled CLS state, trained with it and thrown away after. The label
+    # term alone gives the vision tower little to learn shapes from while the text tower cannot yet tell
+    # "hoodie" from "suit": after 2,000 steps a linear probe of the shipped CLIP's image features read clothing
+    # type 0.32, hairstyle 0.37 and expression 0.22, while the same ViT trained on these heads alone reached
+    # clothing type 0.59 and pattern 0.80 after 470 steps. 0 turns the heads off
     init_logit_scale: float = math.log(1 / 0.07)  # learnable temperature, CLIP's initial value
     max_logit_scale: float = 100.0  # clamp on exp(logit_scale) after every step, as in CLIP
     seed: int = 0  # model initialisation and batch order
@@ -324,6 +330,27 @@ def label_loss(model: CLIPModel, tokenizer: CLIPTokenizer, image_embeds: torch.T
     return torch.stack(losses).mean()
 
 
+class AttributeHeads(torch.nn.Module):
+    """One linear classifier per look attribute on a pooled image feature (training-time supervision only)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(values))
+                                          for name, values in LOOK_ATTRIBUTES.items()})  # fmt: skip
+
+    def forward(self, features: torch.Tensor, attributes: list[dict]) -> torch.Tensor:
+        """Mean cross-entropy over attributes; images where an attribute is invisible (bald hair colour,
+        no glasses' colour) are left out of that attribute's term."""
+        losses = []
+        for name, head in self.heads.items():
+            values = LOOK_ATTRIBUTES[name]
+            target = torch.tensor([values.index(a[name]) if a[name] else -100 for a in attributes],
+                                  device=features.device)  # fmt: skip
+            if (target >= 0).any():
+                losses.append(F.cross_entropy(head(features), target, ignore_index=-100))
+        return torch.stack(losses).mean()
+
+
 def _training_data(config: CLIPTrainConfig) -> tuple[torch.utils.data.Dataset, dict]:
     data = ToyPortraits(split_identities("train", config.num_train), config.images_per_identity, config.data_seed,
                         size=config.image_size)  # fmt: skip
@@ -360,9 +387,11 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
                           max_fixed=config.hard_fixed, seed=config.seed)  # fmt: skip
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
     model = build_clip(config)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    heads = AttributeHeads(config.vision_hidden)
+    groups = _param_groups(torch.nn.ModuleList([model, heads]) if config.head_weight else model, config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
+    model, heads, optimizer, loader, schedule = accelerator.prepare(model, heads, optimizer, loader, schedule)
     log.info("toy CLIP: %.2f M parameters, %d training renders", sum(p.numel() for p in model.parameters()) / 1e6,
              len(dataset))  # fmt: skip
     val = _renders("val", config.val_identities, 1, EVAL_SEED, config.image_size) if config.eval_every else None
@@ -383,6 +412,11 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
                 labels = label_loss(accelerator.unwrap_model(model), tokenizer, output.image_embeds, batch_attributes,
                                     caption_rng, images.device)  # image_embeds: already unit vectors  # fmt: skip
                 loss = loss + config.label_weight * labels
+            if config.head_weight:
+                # the pooled CLS state, before the projection (transformers 5 overwrites pooler_output with it)
+                cls_state = output.vision_model_output.last_hidden_state[:, 0]
+                pooled = accelerator.unwrap_model(model).vision_model.post_layernorm(cls_state)
+                loss = loss + config.head_weight * heads(pooled, batch_attributes)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()

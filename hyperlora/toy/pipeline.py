@@ -116,18 +116,32 @@ def toy_vae(vae_path: str | Path | None, *, seed: int = 0) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(_model_dir(vae_path, ["vae", "model"])).eval()
 
 
-def toy_scheduler() -> DPMSolverMultistepScheduler:
-    """DPM++ 2M Karras, the sampler of the official ComfyUI workflows, over SDXL's noise schedule."""
+def toy_scheduler(prediction_type: str = "epsilon") -> DPMSolverMultistepScheduler:
+    """DPM++ 2M Karras, the sampler of the official ComfyUI workflows, over SDXL's noise schedule, for a UNet
+    trained to predict `prediction_type` ("epsilon" as SDXL, or "v_prediction")."""
     return DPMSolverMultistepScheduler(
-        **NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True, steps_offset=1
-    )
+        **NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True, steps_offset=1,
+        prediction_type=prediction_type,
+    )  # fmt: skip
 
 
-def make_pipeline(unet: UNet2DConditionModel | None, text: dict, vae: AutoencoderKL) -> StableDiffusionXLPipeline:
+def make_pipeline(unet: UNet2DConditionModel | None, text: dict, vae: AutoencoderKL, *,
+                  prediction_type: str = "epsilon") -> StableDiffusionXLPipeline:  # fmt: skip
     """A pipeline object from components. The unconditional branch encodes "" (what caption dropout trained)."""
     return StableDiffusionXLPipeline(
-        vae=vae, unet=unet, scheduler=toy_scheduler(), force_zeros_for_empty_prompt=False, add_watermarker=False, **text
-    )
+        vae=vae, unet=unet, scheduler=toy_scheduler(prediction_type), force_zeros_for_empty_prompt=False,
+        add_watermarker=False, **text,
+    )  # fmt: skip
+
+
+def trained_prediction_type(unet_dir: str | Path) -> str:
+    """What the toy UNet in `unet_dir` was trained to predict, from its card: "epsilon" without a card or for
+    cards older than the `prediction_type` setting (all of those predicted epsilon)."""
+    for name in ("model_card.json", "training_card.json"):  # a trainer's folder; an assembled pipeline's unet/
+        card = Path(unet_dir) / name
+        if card.is_file():
+            return json.loads(card.read_text()).get("config", {}).get("prediction_type", "epsilon")
+    return "epsilon"
 
 
 def assemble_pipeline(unet_path: str | Path, out_dir: str | Path, *, clip_path=None, vae_path=None,
@@ -136,11 +150,12 @@ def assemble_pipeline(unet_path: str | Path, out_dir: str | Path, *, clip_path=N
     (the vocabulary embeddings dominate the folder's size) and loaded back as float32 by `load_toy_pipeline`;
     the VAE stays float32."""
     out_dir = Path(out_dir)
-    unet = UNet2DConditionModel.from_pretrained(_model_dir(unet_path, ["unet"]), dtype=unet_dtype)
+    unet_dir = _model_dir(unet_path, ["unet"])
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=unet_dtype)
     text = text_components(clip_path, out_dir / "tokenizer")
     for name in ("text_encoder", "text_encoder_2"):
         text[name] = text[name].to(unet_dtype)
-    pipe = make_pipeline(unet, text, toy_vae(vae_path))
+    pipe = make_pipeline(unet, text, toy_vae(vae_path), prediction_type=trained_prediction_type(unet_dir))
     pipe.save_pretrained(out_dir, safe_serialization=True)
     for name in ("text_encoder", "text_encoder_2"):  # plain from_pretrained(out_dir) gives float32 encoders
         declare_float32(out_dir / name)
