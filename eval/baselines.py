@@ -150,7 +150,6 @@ class DreamBooth(Method):
         from diffusers import DDPMScheduler
         from peft import LoraConfig
 
-        from hyperlora.toy.pipeline import NOISE_SCHEDULE
         from hyperlora.toy.unet import diffusion_loss
 
         unet, c = self.world.pipe.unet, self.config
@@ -164,7 +163,8 @@ class DreamBooth(Method):
             for p in params:  # the LoRA trains in float32 under a half-precision UNet (peft casts at the boundary)
                 p.data = p.data.float()
             optimizer = torch.optim.AdamW(params, lr=c.dreambooth_lr)
-            scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+            # the pipeline's own noise schedule and prediction type (the toy UNet predicts v, SDXL epsilon)
+            scheduler = DDPMScheduler.from_config(self.world.pipe.scheduler.config)
             generator = torch.Generator().manual_seed(eval_seed(c.seed, identity["id"], 2))  # noise and timesteps
             elapsed, done = time.perf_counter() - start, 0
             for count in self.counts:
