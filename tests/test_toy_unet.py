@@ -126,6 +126,9 @@ def test_pipeline_folder_loads_offline_and_generates_64px(pipeline_dir):
     assert pipe.scheduler.config.prediction_type == UNetTrainConfig().prediction_type == "v_prediction", (
         "the sampler must read the UNet's output as what it was trained to predict"
     )
+    training_card = json.loads((pipeline_dir / "unet" / "training_card.json").read_text())
+    assert training_card["config"]["steps"] == FAST["steps"], "the UNet's training card travels with it"
+    assert (pipeline_dir / "unet" / LOSSES_FILE).is_file()
     assert len(find_targets(pipe.unet)) > 0
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a portrait of a person with short red hair", num_inference_steps=2, output_type="np",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -157,6 +158,9 @@ def assemble_pipeline(unet_path: str | Path, out_dir: str | Path, *, clip_path=N
         text[name] = text[name].to(unet_dtype)
     pipe = make_pipeline(unet, text, toy_vae(vae_path), prediction_type=trained_prediction_type(unet_dir))
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    for source, target in (("model_card.json", "training_card.json"), ("losses.json", "losses.json")):
+        if (unet_dir / source).is_file() and unet_dir.resolve() != (out_dir / "unet").resolve():
+            shutil.copyfile(unet_dir / source, out_dir / "unet" / target)  # how the UNet was trained travels with it
     for name in ("text_encoder", "text_encoder_2"):  # plain from_pretrained(out_dir) gives float32 encoders
         declare_float32(out_dir / name)
     for name in ("tokenizer", "tokenizer_2"):  # vocab.json + merges.txt (1.5 MB) rebuild tokenizer.json (3.6 MB)
