@@ -72,6 +72,19 @@ def test_shipped_clip_loads_with_plain_from_pretrained_and_reads_colours():
     assert np.mean([p == t for p, t in zip(predicted, truth)]) >= 0.9, list(zip(predicted, truth))
 
 
+def test_shipped_clip_judge_reads_colours_and_finds_glasses_on_true_renders():
+    from hyperlora.toy.data import attributes_of
+    from hyperlora.toy.pipeline import clip_judge
+
+    renders = [render_sample(identity, index, seed=321) for identity in split_identities("test")[:40] for index in (0, 1)]
+    verdicts = clip_judge(TOY / "clip")(np.stack([r.image for r in renders]))
+    truth = [attributes_of(r) for r in renders]
+    assert np.mean([v["clothing_colour"] == t["clothing_colour"] for v, t in zip(verdicts, truth)]) >= 0.9
+    # the judge's "none" must not swallow glasses (it did while the glasses prompts carried a t-shirt clause)
+    worn = [v["glasses"] != "none" for v, t in zip(verdicts, truth) if t["glasses"] not in ("", "none")]
+    assert worn and np.mean(worn) >= 0.5, f"glasses found on {np.mean(worn):.2f} of the renders that wear them"
+
+
 def test_shipped_vae_reconstructs_held_out_renders():
     import torch
     from diffusers import AutoencoderKL

@@ -295,31 +295,19 @@ def evaluate_base_model(path_or_pipe, *, judge: Judge | None = None, detector: D
 
 def clip_judge(clip_path: str | Path) -> Judge:
     """Zero-shot look-attribute classifier from the toy CLIP, with hyperlora.toy.clip's prompt ensembles."""
-    from .clip import attribute_prompts, pixel_values
+    from .clip import attribute_classifiers, pixel_values
 
     folder = _model_dir(clip_path, ["clip"])
     model = CLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = clip_tokenizer(folder)
     size = model.config.vision_config.image_size
-
-    def features(output) -> torch.Tensor:  # transformers 5 returns a model output, 4.x a tensor
-        return torch.nn.functional.normalize(getattr(output, "pooler_output", output), dim=-1)
-
-    classes = {}
-    with torch.no_grad():
-        for attribute in LOOK_ATTRIBUTES:
-            prompts = attribute_prompts(attribute)
-            text = []
-            for wordings in prompts.values():
-                tokens = tokenizer(wordings, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-                text.append(torch.nn.functional.normalize(features(model.get_text_features(**tokens)).mean(0), dim=-1))
-            classes[attribute] = (list(prompts), torch.stack(text))
+    classes = attribute_classifiers(model, clip_tokenizer(folder))  # {attribute: (values, unit text [K, D])}
 
     @torch.no_grad()
     def judge(images: np.ndarray) -> list[dict]:
         if images.shape[1:3] != (size, size):
             raise ValueError(f"the toy CLIP judges {size}x{size} images, got {list(images.shape)}")
-        image = features(model.get_image_features(pixel_values=pixel_values(images)))
+        output = model.get_image_features(pixel_values=pixel_values(images))
+        image = torch.nn.functional.normalize(getattr(output, "pooler_output", output), dim=-1)
         best = {name: (image @ text.T).argmax(-1).tolist() for name, (_, text) in classes.items()}
         return [{name: classes[name][0][best[name][i]] for name in classes} for i in range(len(images))]
 
