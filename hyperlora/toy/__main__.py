@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from .build import SELECTABLE, build, info
 from .pipeline import DEFAULT_TOY_DIR
@@ -23,7 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--step", choices=SELECTABLE, help=argparse.SUPPRESS)  # one step exactly (parallel builds)
     p_info = commands.add_parser("info", help="what is present under the toy folder, with sizes")
     p_info.add_argument("--out", default=str(DEFAULT_TOY_DIR))
+    p_diag = commands.add_parser("diagnose", help="where a gate is lost (hyperlora.toy.diagnostics); prints JSON")
+    p_diag.add_argument("what", choices=["ceiling", "probe", "vae"], help="ceiling: supervised CNN on the renders; "
+                        "probe: linear probe on the CLIP's vision features; vae: the VAE's identity loss, split")
+    p_diag.add_argument("--out", default=str(DEFAULT_TOY_DIR), help="toy folder holding clip/, vae/ and faces/")
     args = parser.parse_args(argv)
+    if args.command == "diagnose":
+        from . import diagnostics
+
+        out = Path(args.out)
+        result = {"ceiling": lambda: diagnostics.attribute_ceiling(),
+                  "probe": lambda: diagnostics.clip_linear_probe(out / "clip"),
+                  "vae": lambda: diagnostics.vae_identity_breakdown(out / "vae", out / "faces")}[args.what]()
+        print(json.dumps(result, indent=2, default=str))
+        return 0
     if args.command == "info":
         for row in info(args.out):
             state = f"{row['mb']:8.1f} MB" if row["present"] else "  missing"

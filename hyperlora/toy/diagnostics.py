@@ -1,0 +1,177 @@
+"""Diagnostics that say where a toy model's gate is lost: the pixels, the model, or the measurement.
+
+- `attribute_ceiling`: a small supervised CNN trained on the same 64 x 64 renders as the toy CLIP. Its
+  per-attribute accuracy on 'val' renders is what the pixels allow; a gap between it and CLIP's zero-shot
+  figures is the CLIP's, not the resolution's.
+- `clip_linear_probe`: a linear classifier per attribute on the toy CLIP's pooled vision features: what
+  the image tower has learned, whatever the text side makes of it.
+- `vae_identity_breakdown`: splits the VAE's identity loss into content (both crops aligned on the
+  original's keypoints) and alignment (the detector's keypoints moving on the reconstruction).
+
+`python -m hyperlora.toy diagnose {ceiling,probe,vae}` prints each as JSON. These are measurements for
+decisions and closing notes, not gates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import trange
+
+from .data import ToyPortraits, render_arrays, to_uint8
+from .identity import LOOK_ATTRIBUTES
+from .clip import EVAL_SEED as CLIP_SEED
+from .render import split_identities
+from .vae import EVAL_SEED as VAE_SEED
+
+
+def _renders(split: str, num_identities: int | None, per_identity: int, seed: int) -> dict:
+    identities = split_identities(split)
+    return render_arrays(ToyPortraits(identities[:num_identities], per_identity, seed, size=64), progress=False)
+
+
+def _pixels(arrays: dict) -> torch.Tensor:
+    return torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _labels(arrays: dict) -> torch.Tensor:
+    """[N, attributes] class indices, -100 where the attribute is not visible (bald hair colour, ...)."""
+    return torch.tensor([[values.index(a[name]) if a[name] else -100 for name, values in LOOK_ATTRIBUTES.items()]
+                         for a in arrays["attributes"]])  # fmt: skip
+
+
+def _accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+    out = {}
+    for j, name in enumerate(LOOK_ATTRIBUTES):
+        seen = labels[:, j] >= 0
+        out[name] = float((logits[j][seen].argmax(-1) == labels[seen, j]).float().mean())
+    return out
+
+
+@dataclass
+class CeilingConfig:
+    """The supervised CNN of `attribute_ceiling` (defaults: ~13 min on one thread)."""
+
+    num_train: int = 2000  # training identities, as the toy CLIP
+    images_per_identity: int = 4
+    val_identities: int | None = None  # None: all 'val' identities
+    val_per_identity: int = 2
+    widths: tuple[int, ...] = (32, 64, 96, 128)  # one conv block (2 convs, BN, ReLU, 2x pool) per width
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3  # one-cycle peak
+    seed: int = 0
+    threads: int = 1
+
+
+def _conv_net(widths: tuple[int, ...], classes: list[int]) -> tuple[nn.Module, nn.ModuleList]:
+    layers, width = [], 3
+    for out in widths:
+        layers += [nn.Conv2d(width, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
+                   nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]  # fmt: skip
+        width = out
+    trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return trunk, nn.ModuleList(nn.Linear(width, k) for k in classes)
+
+
+def attribute_ceiling(config: CeilingConfig | None = None) -> dict:
+    """Per-attribute 'val' accuracy of a small CNN trained with labels on the toy CLIP's training renders."""
+    config = config or CeilingConfig()
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    train = _renders("train", config.num_train, config.images_per_identity, 0)
+    val = _renders("val", config.val_identities, config.val_per_identity, CLIP_SEED)
+    x, y = _pixels(train), _labels(train)
+    trunk, heads = _conv_net(config.widths, [len(v) for v in LOOK_ATTRIBUTES.values()])
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, config.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps)
+    generator, start = torch.Generator().manual_seed(config.seed), time.time()
+    for _ in trange(config.steps, desc="attribute ceiling CNN", mininterval=5):
+        batch = torch.randint(0, len(x), (config.batch_size,), generator=generator)
+        features = trunk(x[batch])
+        loss = sum(F.cross_entropy(head(features), y[batch, j], ignore_index=-100) for j, head in enumerate(heads))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    trunk.eval()
+    with torch.no_grad():
+        features = trunk(_pixels(val))
+        accuracy = _accuracy([head(features) for head in heads], _labels(val))
+    return {"accuracy": accuracy, "mean": float(np.mean(list(accuracy.values()))), "train_seconds": time.time() - start,
+            "n_val": len(val["images"]), "config": config.__dict__}  # fmt: skip
+
+
+def clip_linear_probe(clip_path: str | Path, *, num_train: int = 600, steps: int = 300, threads: int = 1) -> dict:
+    """Per-attribute 'val' accuracy of linear classifiers on the toy CLIP's pooled vision features
+    (post-layernorm CLS state), fitted on `num_train` training identities x 2 renders."""
+    from transformers import CLIPModel
+
+    from .clip import pixel_values
+
+    torch.set_num_threads(threads)
+    model = CLIPModel.from_pretrained(clip_path, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def features(arrays: dict) -> torch.Tensor:
+        pixels = pixel_values(arrays["images"])
+        return torch.cat([model.vision_model(pixel_values=pixels[i : i + 256]).pooler_output
+                          for i in range(0, len(pixels), 256)])  # fmt: skip
+
+    train, val = _renders("train", num_train, 2, 7), _renders("val", None, 2, CLIP_SEED)
+    f_train, f_val = features(train), features(val)
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-6
+    f_train, f_val = (f_train - mean) / std, (f_val - mean) / std
+    y_train, logits = _labels(train), []
+    torch.manual_seed(0)
+    for j, values in enumerate(LOOK_ATTRIBUTES.values()):
+        probe = nn.Linear(f_train.shape[1], len(values))
+        optimizer = torch.optim.Adam(probe.parameters(), 1e-2, weight_decay=1e-4)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(probe(f_train), y_train[:, j], ignore_index=-100).backward()
+            optimizer.step()
+        logits.append(probe(f_val).detach())
+    accuracy = _accuracy(logits, _labels(val))
+    return {"accuracy": accuracy, "mean": float(np.mean(list(accuracy.values()))), "n_val": len(val["images"])}
+
+
+def vae_identity_breakdown(vae_path: str | Path, faces_path: str | Path, *, per_identity: int = 2) -> dict:
+    """Toy-ArcFace cosine between 'test' renders and their VAE reconstructions, aligned three ways."""
+    from diffusers import AutoencoderKL
+
+    from .face_backend import DETECTOR_FILE, RECOGNIZER_FILE, require_file
+    from .face_detector import FaceDetector
+    from .face_recognizer import load_recognizer
+    from .faces import embed_images
+
+    vae = AutoencoderKL.from_pretrained(vae_path, dtype=torch.float32).eval()
+    arrays = _renders("test", None, per_identity, VAE_SEED)
+    x = _pixels(arrays)
+    with torch.no_grad():
+        recon = torch.cat([vae.decode(vae.encode(x[i : i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
+                           for i in range(0, len(x), 64)])  # fmt: skip
+    originals, reconstructions = list(arrays["images"]), list(to_uint8(recon))
+    detector = FaceDetector(require_file(faces_path, DETECTOR_FILE))
+    recognizer = load_recognizer(require_file(faces_path, RECOGNIZER_FILE))
+    kps_original = [d.kps for d in detector.detect_batch(originals)]
+    kps_recon = [d.kps for d in detector.detect_batch(reconstructions)]
+
+    def cosine(images_a, kps_a, images_b, kps_b) -> float:
+        a, b = embed_images(detector, recognizer, images_a, kps_a), embed_images(detector, recognizer, images_b, kps_b)
+        return float((a * b).sum(1).mean())
+
+    return {
+        "each_own_detection": cosine(originals, kps_original, reconstructions, kps_recon),  # the VAE gate's figure
+        "shared_alignment": cosine(originals, kps_original, reconstructions, kps_original),  # content only
+        "alignment_only": cosine(originals, kps_original, originals, kps_recon),  # the original, moved crops
+        "keypoint_shift_px": float(np.mean([np.abs(a - b).mean() for a, b in zip(kps_original, kps_recon)])),
+        "n_images": len(originals),
+    }

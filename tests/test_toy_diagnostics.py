@@ -1,0 +1,32 @@
+"""Diagnostics: the supervised ceiling learns from the renders; the probes read the shipped models."""
+
+from pathlib import Path
+
+import pytest
+
+from hyperlora.toy.diagnostics import CeilingConfig, attribute_ceiling, clip_linear_probe, vae_identity_breakdown
+from hyperlora.toy.identity import LOOK_ATTRIBUTES, PALETTE
+
+TOY = Path(__file__).resolve().parents[1] / "data" / "toy"
+
+
+def test_attribute_ceiling_learns_background_colour_in_a_few_steps():
+    result = attribute_ceiling(CeilingConfig(num_train=60, images_per_identity=2, val_identities=20, val_per_identity=2,
+                                             widths=(8, 16), steps=120, batch_size=32))  # fmt: skip
+    assert set(result["accuracy"]) == set(LOOK_ATTRIBUTES) and result["n_val"] == 40
+    assert result["accuracy"]["background_colour"] > 3 / len(PALETTE), result["accuracy"]
+
+
+@pytest.mark.skipif(not (TOY / "clip" / "model_card.json").is_file(), reason="toy CLIP not shipped")
+def test_linear_probe_reads_colours_from_the_shipped_clip():
+    result = clip_linear_probe(TOY / "clip", num_train=100, steps=100)
+    assert result["accuracy"]["clothing_colour"] >= 0.9 and result["accuracy"]["background_colour"] >= 0.9, result
+
+
+@pytest.mark.skipif(not (TOY / "vae" / "model_card.json").is_file(), reason="toy VAE not shipped")
+def test_vae_identity_breakdown_separates_content_from_alignment():
+    result = vae_identity_breakdown(TOY / "vae", TOY / "faces", per_identity=1)
+    assert result["n_images"] == 200
+    # the same image re-cropped on nearby keypoints stays close; the reconstruction's content loses more
+    assert result["alignment_only"] > result["shared_alignment"] > 0.5, result
+    assert 0 < result["keypoint_shift_px"] < 2, result
