@@ -76,7 +76,8 @@ def test_shipped_clip_judge_reads_colours_and_finds_glasses_on_true_renders():
     from hyperlora.toy.data import attributes_of
     from hyperlora.toy.pipeline import clip_judge
 
-    renders = [render_sample(identity, index, seed=321) for identity in split_identities("test")[:40] for index in (0, 1)]
+    people = split_identities("test")[:40]
+    renders = [render_sample(identity, index, seed=321) for identity in people for index in (0, 1)]
     verdicts = clip_judge(TOY / "clip")(np.stack([r.image for r in renders]))
     truth = [attributes_of(r) for r in renders]
     assert np.mean([v["clothing_colour"] == t["clothing_colour"] for v, t in zip(verdicts, truth)]) >= 0.9
