@@ -316,7 +316,8 @@ def label_loss(model: CLIPModel, tokenizer: CLIPTokenizer, image_embeds: torch.T
     """UniCL's image-label term (Yang et al. 2022): every look attribute is a classification of the batch's
     images among that attribute's single-attribute captions, with the CLIP similarity as logits. It gives
     every attribute a gradient on every image each step; the zero-shot check uses other wordings (the
-    prompt ensembles of `attribute_prompts`) on held-out identities."""
+    prompt ensembles of `attribute_prompts`; only "no glasses" is worded alike, as the bare subject) on
+    held-out identities."""
     classes = label_texts(rng)
     texts = [text for _, wording in classes.values() for text in wording]
     tokens = tokenizer(texts, padding="longest", truncation=True, max_length=77, return_tensors="pt").to(device)
