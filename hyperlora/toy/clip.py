@@ -43,7 +43,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..config import strict_from_dict
 from ..tokenizer import clip_tokenizer
 from .cards import write_model_card
-from .data import ToyPortraits, render_arrays
+from .data import ToyPortraits, render_arrays, split_renders
 from .identity import BACKGROUND_PHRASES, CAPTION_PREFIXES, EXPRESSION_PHRASES, HAIR_PHRASES, LOOK_ATTRIBUTES
 from .render import split_identities
 
@@ -398,7 +398,7 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
     model, heads, optimizer, loader, schedule = accelerator.prepare(model, heads, optimizer, loader, schedule)
     log.info("toy CLIP: %.2f M parameters, %d training renders", sum(p.numel() for p in model.parameters()) / 1e6,
              len(dataset))  # fmt: skip
-    val = _renders("val", config.val_identities, 1, EVAL_SEED, config.image_size) if config.eval_every else None
+    val = split_renders("val", config.val_identities, 1, EVAL_SEED, config.image_size) if config.eval_every else None
     start, step, batches, curve, checking = time.time(), 0, iter(loader), [], 0.0
     caption_rng = np.random.default_rng([config.seed, 1])
     model.train()
@@ -455,7 +455,7 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
 def _val_check(model: CLIPModel, tokenizer: CLIPTokenizer, val: dict, step: int, seconds: float) -> dict:
     """Zero-shot figures on the in-memory 'val' renders during training (model back in train mode after)."""
     model.eval()
-    figures = clip_figures(model, tokenizer, _embed_pixels(model, pixel_values(val["images"])), val)
+    figures = clip_figures(model, tokenizer, embed_pixels(model, pixel_values(val["images"])), val)
     model.train()
     per = " ".join(f"{name} {value:.2f}" for name, value in figures["zero_shot"].items())
     log.info("step %d (%.0f s): val zero-shot mean %.3f, i2t R@1 %.3f (%s)", step, seconds, figures["zero_shot_mean"],
@@ -513,7 +513,7 @@ def _embed_texts(model: CLIPModel, tokenizer: CLIPTokenizer, texts: list[str], b
 
 
 @torch.no_grad()
-def _embed_pixels(model: CLIPModel, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def embed_pixels(model: CLIPModel, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([F.normalize(model.get_image_features(pixel_values=pixels[i : i + batch]).pooler_output, dim=-1)
                       for i in range(0, len(pixels), batch)])  # fmt: skip
 
@@ -553,11 +553,6 @@ def clip_figures(model: CLIPModel, tokenizer: CLIPTokenizer, image_embeds: torch
     }
 
 
-def _renders(split: str, num_identities: int | None, n_per_identity: int, seed: int, size: int) -> dict:
-    identities = split_identities(split)
-    identities = identities[:num_identities] if num_identities else identities
-    return render_arrays(ToyPortraits(identities, n_per_identity, seed, size=size), progress=False)
-
 
 def evaluate_clip(path: str | Path, *, split: str = "test", n_per_identity: int = 2, seed: int = EVAL_SEED,
                   num_identities: int | None = None, threads: int | None = None) -> dict:
@@ -567,6 +562,6 @@ def evaluate_clip(path: str | Path, *, split: str = "test", n_per_identity: int 
         torch.set_num_threads(threads)
     model = CLIPModel.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer, processor = CLIPTokenizer.from_pretrained(path), CLIPImageProcessor.from_pretrained(path)
-    arrays = _renders(split, num_identities, n_per_identity, seed, model.config.vision_config.image_size)
+    arrays = split_renders(split, num_identities, n_per_identity, seed, model.config.vision_config.image_size)
     pixels = processor(images=list(arrays["images"]), return_tensors="pt").pixel_values
-    return {**clip_figures(model, tokenizer, _embed_pixels(model, pixels), arrays), "split": split}
+    return {**clip_figures(model, tokenizer, embed_pixels(model, pixels), arrays), "split": split}

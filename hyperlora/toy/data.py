@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .render import LOOK_ATTRIBUTES, Render, render_sample, visible_attributes
+from .render import LOOK_ATTRIBUTES, Render, render_sample, split_identities, visible_attributes
 
 
 def attributes_of(render: Render) -> dict[str, str]:
@@ -23,9 +23,9 @@ def attributes_of(render: Render) -> dict[str, str]:
     return {key: visible.get(key, "") for key in LOOK_ATTRIBUTES}
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> float [3, H, W] in [-1, 1] (the VAE's and UNet's convention)."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1] (the VAE's and UNet's convention)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -86,3 +86,10 @@ def render_arrays(dataset: ToyPortraits, progress: bool = True) -> dict:
         attributes.append(attributes_of(r))
     return {"images": images, "boxes": boxes, "keypoints": keypoints, "masks": masks, "identities": identities,
             "captions": captions, "attributes": attributes}  # fmt: skip
+
+
+def split_renders(split: str, num_identities: int | None, n_per_identity: int, seed: int, size: int = 64) -> dict:
+    """`render_arrays` of the first `num_identities` identities of a split (None: all of them)."""
+    identities = split_identities(split)
+    identities = identities[:num_identities] if num_identities else identities
+    return render_arrays(ToyPortraits(identities, n_per_identity, seed, size=size), progress=False)

@@ -24,20 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import trange
 
-from .data import ToyPortraits, render_arrays, to_uint8
-from .identity import LOOK_ATTRIBUTES
+from .cards import config_dict
 from .clip import EVAL_SEED as CLIP_SEED
-from .render import split_identities
+from .data import split_renders, to_tensor, to_uint8
+from .identity import LOOK_ATTRIBUTES
 from .vae import EVAL_SEED as VAE_SEED
-
-
-def _renders(split: str, num_identities: int | None, per_identity: int, seed: int) -> dict:
-    identities = split_identities(split)
-    return render_arrays(ToyPortraits(identities[:num_identities], per_identity, seed, size=64), progress=False)
-
-
-def _pixels(arrays: dict) -> torch.Tensor:
-    return torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+from .vae import reconstruct
 
 
 def _labels(arrays: dict) -> torch.Tensor:
@@ -85,9 +77,9 @@ def attribute_ceiling(config: CeilingConfig | None = None) -> dict:
     config = config or CeilingConfig()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    train = _renders("train", config.num_train, config.images_per_identity, 0)
-    val = _renders("val", config.val_identities, config.val_per_identity, CLIP_SEED)
-    x, y = _pixels(train), _labels(train)
+    train = split_renders("train", config.num_train, config.images_per_identity, 0)
+    val = split_renders("val", config.val_identities, config.val_per_identity, CLIP_SEED)
+    x, y = to_tensor(train["images"]), _labels(train)
     trunk, heads = _conv_net(config.widths, [len(v) for v in LOOK_ATTRIBUTES.values()])
     params = [*trunk.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, config.lr, weight_decay=1e-4)
@@ -103,10 +95,10 @@ def attribute_ceiling(config: CeilingConfig | None = None) -> dict:
         schedule.step()
     trunk.eval()
     with torch.no_grad():
-        features = trunk(_pixels(val))
+        features = trunk(to_tensor(val["images"]))
         accuracy = _accuracy([head(features) for head in heads], _labels(val))
     return {"accuracy": accuracy, "mean": float(np.mean(list(accuracy.values()))), "train_seconds": time.time() - start,
-            "n_val": len(val["images"]), "config": config.__dict__}  # fmt: skip
+            "n_val": len(val["images"]), "config": config_dict(config)}  # fmt: skip
 
 
 def clip_linear_probe(clip_path: str | Path, *, num_train: int = 600, steps: int = 300, threads: int = 1) -> dict:
@@ -125,7 +117,7 @@ def clip_linear_probe(clip_path: str | Path, *, num_train: int = 600, steps: int
         return torch.cat([model.vision_model(pixel_values=pixels[i : i + 256]).pooler_output
                           for i in range(0, len(pixels), 256)])  # fmt: skip
 
-    train, val = _renders("train", num_train, 2, 7), _renders("val", None, 2, CLIP_SEED)
+    train, val = split_renders("train", num_train, 2, 7), split_renders("val", None, 2, CLIP_SEED)
     f_train, f_val = features(train), features(val)
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6
     f_train, f_val = (f_train - mean) / std, (f_val - mean) / std
@@ -153,12 +145,8 @@ def vae_identity_breakdown(vae_path: str | Path, faces_path: str | Path, *, per_
     from .faces import embed_images
 
     vae = AutoencoderKL.from_pretrained(vae_path, dtype=torch.float32).eval()
-    arrays = _renders("test", None, per_identity, VAE_SEED)
-    x = _pixels(arrays)
-    with torch.no_grad():
-        recon = torch.cat([vae.decode(vae.encode(x[i : i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
-                           for i in range(0, len(x), 64)])  # fmt: skip
-    originals, reconstructions = list(arrays["images"]), list(to_uint8(recon))
+    arrays = split_renders("test", None, per_identity, VAE_SEED)
+    originals, reconstructions = list(arrays["images"]), list(to_uint8(reconstruct(vae, to_tensor(arrays["images"]))))
     detector = FaceDetector(require_file(faces_path, DETECTOR_FILE))
     recognizer = load_recognizer(require_file(faces_path, RECOGNIZER_FILE))
     kps_original = [d.kps for d in detector.detect_batch(originals)]

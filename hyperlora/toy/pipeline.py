@@ -295,7 +295,7 @@ def evaluate_base_model(path_or_pipe, *, judge: Judge | None = None, detector: D
 
 def clip_judge(clip_path: str | Path) -> Judge:
     """Zero-shot look-attribute classifier from the toy CLIP, with hyperlora.toy.clip's prompt ensembles."""
-    from .clip import attribute_classifiers, pixel_values
+    from .clip import attribute_classifiers, embed_pixels, pixel_values
 
     folder = _model_dir(clip_path, ["clip"])
     model = CLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
@@ -306,8 +306,7 @@ def clip_judge(clip_path: str | Path) -> Judge:
     def judge(images: np.ndarray) -> list[dict]:
         if images.shape[1:3] != (size, size):
             raise ValueError(f"the toy CLIP judges {size}x{size} images, got {list(images.shape)}")
-        output = model.get_image_features(pixel_values=pixel_values(images))
-        image = torch.nn.functional.normalize(getattr(output, "pooler_output", output), dim=-1)
+        image = embed_pixels(model, pixel_values(images))
         best = {name: (image @ text.T).argmax(-1).tolist() for name, (_, text) in classes.items()}
         return [{name: classes[name][0][best[name][i]] for name in classes} for i in range(len(images))]
 

@@ -30,7 +30,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..config import strict_from_dict
 from .cards import write_model_card
-from .data import ToyPortraits, render_arrays, to_uint8
+from .data import ToyPortraits, render_arrays, split_renders, to_tensor, to_uint8
 from .render import split_identities
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,13 @@ def _cosine(a, b) -> np.ndarray:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] through the encoder (posterior mode) and the decoder, clamped to [-1, 1]."""
+    return torch.cat([vae.decode(vae.encode(images[i : i + batch]).latent_dist.mode()).sample.clamp(-1, 1)
+                      for i in range(0, len(images), batch)])  # fmt: skip
+
+
 def evaluate_vae(path: str | Path, *, split: str = "test", n_per_identity: int = 2, seed: int = EVAL_SEED,
                  num_identities: int | None = None, batch: int = 64, face_embed: FaceEmbed | None = None,
                  threads: int | None = None) -> dict:
@@ -251,14 +258,11 @@ def evaluate_vae(path: str | Path, *, split: str = "test", n_per_identity: int =
     if threads:
         torch.set_num_threads(threads)
     vae = AutoencoderKL.from_pretrained(path, dtype=torch.float32).eval()
-    identities = split_identities(split)
-    identities = identities[:num_identities] if num_identities else identities
-    arrays = render_arrays(ToyPortraits(identities, n_per_identity, seed, size=vae.config.sample_size), progress=False)
-    images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    recon = torch.cat([vae.decode(vae.encode(images[i : i + batch]).latent_dist.mode()).sample.clamp(-1, 1)
-                       for i in range(0, len(images), batch)])  # fmt: skip
+    arrays = split_renders(split, num_identities, n_per_identity, seed, vae.config.sample_size)
+    images = to_tensor(arrays["images"])
+    recon = reconstruct(vae, images, batch)
     recon_uint8 = to_uint8(recon)  # what a saved image would hold
-    per_image = psnr(images, torch.from_numpy(recon_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0))
+    per_image = psnr(images, to_tensor(recon_uint8))
     pooled_mse = (images - recon).pow(2).mean().item()
     figures = {
         "psnr": float(per_image.mean()),
