@@ -43,9 +43,10 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..config import strict_from_dict
 from ..tokenizer import clip_tokenizer
 from .cards import write_model_card
-from .data import ToyPortraits, render_arrays, split_renders
+from .data import ToyPortraits, render_arrays, split_renders, to_tensor
 from .identity import BACKGROUND_PHRASES, CAPTION_PREFIXES, EXPRESSION_PHRASES, HAIR_PHRASES, LOOK_ATTRIBUTES
 from .render import split_identities
+from .teacher import attribute_labels, distillation_targets, evaluate_attribute_cnn, fit_attribute_cnn
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,11 @@ class CLIPTrainConfig:
     # type 0.32, hairstyle 0.37 and expression 0.22, while the same ViT trained on these heads alone reached
     # clothing type 0.59 and pattern 0.80 after 470 steps. With the heads, 2,000 steps gave a test zero-shot mean
     # of 0.662 (0.573 without) and linear-probe clothing type 0.44, hairstyle 0.51, expression 0.24. 0: no heads
+    distill_weight: float = 0.0  # weight of feature distillation from a supervised CNN teacher (`teacher.py`,
+    # `DistillHeads`): the ViT's patch tokens regress the teacher's feature map on the same grid, its pooled
+    # state the teacher's pooled features. The teacher is trained first, on the same renders. 0: no teacher
+    teacher_steps: int = 1500  # the teacher's AdamW steps (batch 64; ~12 min on one thread at the default widths)
+    teacher_widths: tuple[int, ...] = (32, 64, 96, 128)  # its conv blocks; block 3 (8 x 8) meets the 8 x 8 patch grid
     init_logit_scale: float = math.log(1 / 0.07)  # learnable temperature, CLIP's initial value
     max_logit_scale: float = 100.0  # clamp on exp(logit_scale) after every step, as in CLIP
     seed: int = 0  # model initialisation and batch order
@@ -111,12 +117,16 @@ class CLIPTrainConfig:
     eval_every: int = 0  # steps between zero-shot checks on 'val' renders, kept in the card (0: none)
     val_identities: int = 100  # 'val' identities (one render each) for those checks
 
+    def __post_init__(self):
+        self.teacher_widths = tuple(self.teacher_widths)
+
     @classmethod
     def smoke(cls, **overrides) -> "CLIPTrainConfig":
         """Tiny sizes and a handful of steps: checks the plumbing in seconds, learns nothing."""
         values = dict(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2,
                       text_heads=2, projection_dim=16, num_train=8, images_per_identity=2, steps=3,
-                      batch_size=8, warmup_steps=1, eval_identities=8, eval_per_identity=1, log_every=1)  # fmt: skip
+                      batch_size=8, warmup_steps=1, eval_identities=8, eval_per_identity=1, log_every=1,
+                      teacher_steps=2, teacher_widths=(4, 8, 8))  # fmt: skip
         return cls(**{**values, **overrides})
 
     @classmethod
@@ -355,6 +365,33 @@ class AttributeHeads(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
+class DistillHeads(torch.nn.Module):
+    """Linear maps from the vision tower's final states to the teacher's targets (training-time only): patch
+    tokens -> the teacher's feature map on the patch grid, pooled CLS state -> its pooled features."""
+
+    def __init__(self, width: int, dense_dim: int, pooled_dim: int):
+        super().__init__()
+        self.dense = torch.nn.Linear(width, dense_dim)
+        self.pooled = torch.nn.Linear(width, pooled_dim)
+
+    def forward(self, states: torch.Tensor, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """states [N, 1 + tokens, width] (post-layernorm, CLS first); dense [N, tokens, C]; pooled [N, D]."""
+        return (F.mse_loss(self.dense(states[:, 1:]), dense) + F.mse_loss(self.pooled(states[:, 0]), pooled)) / 2
+
+
+def _teacher_targets(config: CLIPTrainConfig, arrays: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Train the CNN teacher on the training renders; its standardised targets for every render, and its
+    per-attribute accuracy on 'val' renders (for the card)."""
+    images = to_tensor(arrays["images"])
+    teacher = fit_attribute_cnn(images, attribute_labels(arrays), widths=config.teacher_widths,
+                                steps=config.teacher_steps, seed=config.seed)  # fmt: skip
+    val = split_renders("val", config.val_identities, 1, EVAL_SEED, config.image_size)
+    figures = evaluate_attribute_cnn(teacher, to_tensor(val["images"]), attribute_labels(val))
+    log.info("CNN teacher: val attribute accuracy %.3f", figures["mean"])
+    dense, pooled = distillation_targets(teacher, images, config.image_size // config.patch_size)
+    return dense, pooled, figures
+
+
 def _training_data(config: CLIPTrainConfig) -> tuple[torch.utils.data.Dataset, dict]:
     data = ToyPortraits(split_identities("train", config.num_train), config.images_per_identity, config.data_seed,
                         size=config.image_size)  # fmt: skip
@@ -390,16 +427,23 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
     sampler = HardBatches(arrays["attributes"], config.batch_size, hard=config.hard_batches,
                           max_fixed=config.hard_fixed, seed=config.seed)  # fmt: skip
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
+    start, figures = time.time(), {}
+    if config.distill_weight:
+        dense, pooled, figures["teacher_val"] = _teacher_targets(config, arrays)
+        distill = DistillHeads(config.vision_hidden, dense.shape[-1], pooled.shape[-1])
     model = build_clip(config)
     heads = AttributeHeads(config.vision_hidden)
-    groups = _param_groups(torch.nn.ModuleList([model, heads]) if config.head_weight else model, config.weight_decay)
+    trained = [model] + [heads] * bool(config.head_weight) + [distill] * bool(config.distill_weight)
+    groups = _param_groups(torch.nn.ModuleList(trained), config.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     model, heads, optimizer, loader, schedule = accelerator.prepare(model, heads, optimizer, loader, schedule)
+    if config.distill_weight:
+        distill, dense, pooled = accelerator.prepare(distill), dense.to(accelerator.device), pooled.to(accelerator.device)
     log.info("toy CLIP: %.2f M parameters, %d training renders", sum(p.numel() for p in model.parameters()) / 1e6,
              len(dataset))  # fmt: skip
     val = split_renders("val", config.val_identities, 1, EVAL_SEED, config.image_size) if config.eval_every else None
-    start, step, batches, curve, checking = time.time(), 0, iter(loader), [], 0.0
+    step, batches, curve, checking = 0, iter(loader), [], 0.0
     caption_rng = np.random.default_rng([config.seed, 1])
     model.train()
     with tqdm(total=config.steps, desc="toy CLIP", mininterval=2) as bar:
@@ -416,11 +460,14 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
                 labels = label_loss(accelerator.unwrap_model(model), tokenizer, output.image_embeds, batch_attributes,
                                     caption_rng, images.device)  # image_embeds: already unit vectors  # fmt: skip
                 loss = loss + config.label_weight * labels
+            # the final states after post_layernorm; the CLS one is what the projection reads
+            # (transformers 5 overwrites pooler_output with the projection's input)
+            states = accelerator.unwrap_model(model).vision_model.post_layernorm(
+                output.vision_model_output.last_hidden_state)
             if config.head_weight:
-                # the pooled CLS state, before the projection (transformers 5 overwrites pooler_output with it)
-                cls_state = output.vision_model_output.last_hidden_state[:, 0]
-                pooled = accelerator.unwrap_model(model).vision_model.post_layernorm(cls_state)
-                loss = loss + config.head_weight * heads(pooled, batch_attributes)
+                loss = loss + config.head_weight * heads(states[:, 0], batch_attributes)
+            if config.distill_weight:
+                loss = loss + config.distill_weight * distill(states, dense[indices], pooled[indices])
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -441,7 +488,7 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
                 checking += time.time() - check
     seconds = time.time() - start - checking  # training only: the val checks are not counted
     save_clip(accelerator.unwrap_model(model), out_dir, config.image_size, config.save_dtype)
-    figures, gates = {"steps": step, **({"val_curve": curve} if curve else {})}, {}
+    figures, gates = {"steps": step, **figures, **({"val_curve": curve} if curve else {})}, {}
     if evaluate:
         figures.update(evaluate_clip(out_dir, n_per_identity=config.eval_per_identity,
                                      num_identities=config.eval_identities, threads=config.threads))  # fmt: skip

@@ -22,28 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import trange
 
 from .cards import config_dict
 from .clip import EVAL_SEED as CLIP_SEED
 from .data import split_renders, to_tensor, to_uint8
 from .identity import LOOK_ATTRIBUTES
+from .teacher import attribute_accuracy, attribute_labels, evaluate_attribute_cnn, fit_attribute_cnn
 from .vae import EVAL_SEED as VAE_SEED
 from .vae import reconstruct
-
-
-def _labels(arrays: dict) -> torch.Tensor:
-    """[N, attributes] class indices, -100 where the attribute is not visible (bald hair colour, ...)."""
-    return torch.tensor([[values.index(a[name]) if a[name] else -100 for name, values in LOOK_ATTRIBUTES.items()]
-                         for a in arrays["attributes"]])  # fmt: skip
-
-
-def _accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
-    out = {}
-    for j, name in enumerate(LOOK_ATTRIBUTES):
-        seen = labels[:, j] >= 0
-        out[name] = float((logits[j][seen].argmax(-1) == labels[seen, j]).float().mean())
-    return out
 
 
 @dataclass
@@ -62,16 +48,6 @@ class CeilingConfig:
     threads: int = 1
 
 
-def _conv_net(widths: tuple[int, ...], classes: list[int]) -> tuple[nn.Module, nn.ModuleList]:
-    layers, width = [], 3
-    for out in widths:
-        layers += [nn.Conv2d(width, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
-                   nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]  # fmt: skip
-        width = out
-    trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return trunk, nn.ModuleList(nn.Linear(width, k) for k in classes)
-
-
 def attribute_ceiling(config: CeilingConfig | None = None) -> dict:
     """Per-attribute 'val' accuracy of a small CNN trained with labels on the toy CLIP's training renders."""
     config = config or CeilingConfig()
@@ -79,26 +55,12 @@ def attribute_ceiling(config: CeilingConfig | None = None) -> dict:
     torch.manual_seed(config.seed)
     train = split_renders("train", config.num_train, config.images_per_identity, 0)
     val = split_renders("val", config.val_identities, config.val_per_identity, CLIP_SEED)
-    x, y = to_tensor(train["images"]), _labels(train)
-    trunk, heads = _conv_net(config.widths, [len(v) for v in LOOK_ATTRIBUTES.values()])
-    params = [*trunk.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(params, config.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps)
-    generator, start = torch.Generator().manual_seed(config.seed), time.time()
-    for _ in trange(config.steps, desc="attribute ceiling CNN", mininterval=5):
-        batch = torch.randint(0, len(x), (config.batch_size,), generator=generator)
-        features = trunk(x[batch])
-        loss = sum(F.cross_entropy(head(features), y[batch, j], ignore_index=-100) for j, head in enumerate(heads))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    trunk.eval()
-    with torch.no_grad():
-        features = trunk(to_tensor(val["images"]))
-        accuracy = _accuracy([head(features) for head in heads], _labels(val))
-    return {"accuracy": accuracy, "mean": float(np.mean(list(accuracy.values()))), "train_seconds": time.time() - start,
-            "n_val": len(val["images"]), "config": config_dict(config)}  # fmt: skip
+    start = time.time()
+    model = fit_attribute_cnn(to_tensor(train["images"]), attribute_labels(train), widths=config.widths,
+                              steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+    seconds = time.time() - start
+    result = evaluate_attribute_cnn(model, to_tensor(val["images"]), attribute_labels(val))
+    return {**result, "train_seconds": seconds, "n_val": len(val["images"]), "config": config_dict(config)}
 
 
 def clip_linear_probe(clip_path: str | Path, *, num_train: int = 600, steps: int = 300, threads: int = 1) -> dict:
@@ -121,7 +83,7 @@ def clip_linear_probe(clip_path: str | Path, *, num_train: int = 600, steps: int
     f_train, f_val = features(train), features(val)
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6
     f_train, f_val = (f_train - mean) / std, (f_val - mean) / std
-    y_train, logits = _labels(train), []
+    y_train, logits = attribute_labels(train), []
     torch.manual_seed(0)
     for j, values in enumerate(LOOK_ATTRIBUTES.values()):
         probe = nn.Linear(f_train.shape[1], len(values))
@@ -131,7 +93,7 @@ def clip_linear_probe(clip_path: str | Path, *, num_train: int = 600, steps: int
             F.cross_entropy(probe(f_train), y_train[:, j], ignore_index=-100).backward()
             optimizer.step()
         logits.append(probe(f_val).detach())
-    accuracy = _accuracy(logits, _labels(val))
+    accuracy = attribute_accuracy(logits, attribute_labels(val))
     return {"accuracy": accuracy, "mean": float(np.mean(list(accuracy.values()))), "n_val": len(val["images"])}
 
 
