@@ -21,7 +21,7 @@ from hyperlora.toy.render import LOOK_ATTRIBUTES, render_sample
 from hyperlora.toy.vae import VAETrainConfig, evaluate_vae, psnr, train_vae
 
 PROMPTS = ["fcsks fxhks fhyks, a portrait of a person with curly red hair, wearing a teal hoodie", "a bald person!"]
-SMOKE_CLIP = CLIPTrainConfig.smoke(eval_every=2, val_identities=4, partial_captions=0.5)
+SMOKE_CLIP = CLIPTrainConfig.smoke(eval_every=2, val_identities=4, partial_captions=0.5, distill_weight=1.0)
 CARD_KEYS = {"config", "command", "git_commit", "train_seconds", "figures", "gates", "weights_mb"}
 
 
@@ -84,6 +84,7 @@ def test_clip_evaluation_and_card(clip_dir):
     assert CARD_KEYS <= set(card) and CLIPTrainConfig.from_dict(card["config"]) == SMOKE_CLIP
     assert card["train_seconds"] > 0 and "zero_shot_mean" in card["figures"] and card["gates"]
     assert [point["step"] for point in card["figures"]["val_curve"]] == [2, 3], "checks every 2 steps and at the end"
+    assert set(card["figures"]["teacher_val"]["accuracy"]) == set(LOOK_ATTRIBUTES), "the distillation teacher's figures"
     assert (clip_dir / "README.md").read_text().startswith("# toy CLIP")
 
 

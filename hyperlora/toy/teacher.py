@@ -108,6 +108,6 @@ def distillation_targets(model: AttributeCNN, images: torch.Tensor, grid: int, b
 
     def standardise(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        return (x - flat.mean(0)) / (flat.std(0) + 1e-5)
+        return (x - flat.mean(0)) / flat.std(0).clamp_min(1e-6)  # a channel that never fires stays 0
 
     return standardise(dense), standardise(pooled)
