@@ -13,9 +13,11 @@ Training is CLIP's symmetric InfoNCE with a learnable temperature (AdamW, cosine
 pre-rendered training renders. Half of the captions are rebuilt each step to name a random subset of
 the look attributes (`partial_caption`), like the short zero-shot prompts; since such a caption is
 true of many images in the batch, the loss counts every true pair, known from the renders' ground
-truth, as a positive (`multi_positive_loss`, UniCL). Two supervised terms help the shapes, which the
-contrastive loss alone left at chance: an image-label term (`label_loss`) and, on the vision tower
-only, linear attribute heads that are discarded after training (`AttributeHeads`). `HardBatches`
+truth, as a positive (`multi_positive_loss`, UniCL). Three supervised terms help the shapes, which the
+contrastive loss alone left at chance: an image-label term (`label_loss`); on the vision tower only,
+linear attribute heads that are discarded after training (`AttributeHeads`); and feature distillation
+from a small CNN trained first on the same renders with labels (`teacher.py`, `DistillHeads`), which
+reads every attribute at 0.99 where the ViT alone learned 0.77 in the same time. `HardBatches`
 optionally builds batches whose images share some look attributes.
 
 Gate (`evaluate_clip`): zero-shot classification of every look attribute on held-out ('test')
@@ -77,7 +79,7 @@ class CLIPTrainConfig:
     images_per_identity: int = 4  # renders per identity, pre-rendered into memory once
     data_seed: int = 0  # seed of the training renders
     # optimisation
-    steps: int = 2800  # AdamW steps: ~31 min on one thread, as long as the VAE it runs beside in the build
+    steps: int = 2800  # AdamW steps: ~32 min on one thread (after the 12-minute teacher) beside the VAE in the build
     batch_size: int = 64  # contrastive batch: more negatives per step, but slower steps
     lr: float = 1e-3  # peak learning rate after warmup, cosine decay to 0
     weight_decay: float = 0.1  # on matrices only (not on norms, biases, embeddings, temperature)
@@ -100,9 +102,12 @@ class CLIPTrainConfig:
     # type 0.32, hairstyle 0.37 and expression 0.22, while the same ViT trained on these heads alone reached
     # clothing type 0.59 and pattern 0.80 after 470 steps. With the heads, 2,000 steps gave a test zero-shot mean
     # of 0.662 (0.573 without) and linear-probe clothing type 0.44, hairstyle 0.51, expression 0.24. 0: no heads
-    distill_weight: float = 0.0  # weight of feature distillation from a supervised CNN teacher (`teacher.py`,
+    distill_weight: float = 30.0  # weight of feature distillation from a supervised CNN teacher (`teacher.py`,
     # `DistillHeads`): the ViT's patch tokens regress the teacher's feature map on the same grid, its pooled
-    # state the teacher's pooled features. The teacher is trained first, on the same renders. 0: no teacher
+    # state the teacher's pooled features. The teacher is trained first, on the same renders. 0: no teacher.
+    # Val zero-shot mean after 2,800 steps: 0.885 at weight 3, 0.892 at 10, 0.928 at 30 (test 0.897 / 0.897 /
+    # 0.914; without distillation the shipped CLIP read 0.745 on test); at 700 steps 0.53 / 0.60 / 0.68 / 0.72
+    # for weights 1 / 3 / 10 / 30
     teacher_steps: int = 1500  # the teacher's AdamW steps (batch 64; ~12 min on one thread at the default widths)
     teacher_widths: tuple[int, ...] = (32, 64, 96, 128)  # its conv blocks; block 3 (8 x 8) meets the 8 x 8 patch grid
     init_logit_scale: float = math.log(1 / 0.07)  # learnable temperature, CLIP's initial value
@@ -439,7 +444,8 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path, *, evaluate: bool =
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     model, heads, optimizer, loader, schedule = accelerator.prepare(model, heads, optimizer, loader, schedule)
     if config.distill_weight:
-        distill, dense, pooled = accelerator.prepare(distill), dense.to(accelerator.device), pooled.to(accelerator.device)
+        distill = accelerator.prepare(distill)
+        dense, pooled = dense.to(accelerator.device), pooled.to(accelerator.device)
     log.info("toy CLIP: %.2f M parameters, %d training renders", sum(p.numel() for p in model.parameters()) / 1e6,
              len(dataset))  # fmt: skip
     val = split_renders("val", config.val_identities, 1, EVAL_SEED, config.image_size) if config.eval_every else None
