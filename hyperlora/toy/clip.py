@@ -17,7 +17,7 @@ truth, as a positive (`multi_positive_loss`, UniCL). Three supervised terms help
 contrastive loss alone left at chance: an image-label term (`label_loss`); on the vision tower only,
 linear attribute heads that are discarded after training (`AttributeHeads`); and feature distillation
 from a small CNN trained first on the same renders with labels (`teacher.py`, `DistillHeads`), which
-reads every attribute at 0.99 where the ViT alone learned 0.77 in the same time. `HardBatches`
+reads every attribute at 0.99 (linear probes on the ViT trained without it: 0.77). `HardBatches`
 optionally builds batches whose images share some look attributes.
 
 Gate (`evaluate_clip`): zero-shot classification of every look attribute on held-out ('test')
@@ -106,7 +106,7 @@ class CLIPTrainConfig:
     # `DistillHeads`): the ViT's patch tokens regress the teacher's feature map on the same grid, its pooled
     # state the teacher's pooled features. The teacher is trained first, on the same renders. 0: no teacher.
     # Val zero-shot mean after 2,800 steps: 0.885 at weight 3, 0.892 at 10, 0.928 at 30 (test 0.897 / 0.897 /
-    # 0.914; without distillation the shipped CLIP read 0.745 on test); at 700 steps 0.53 / 0.60 / 0.68 / 0.72
+    # 0.914; without distillation the CLIP shipped before read 0.745 on test); at 700 steps 0.53 / 0.60 / 0.68 / 0.72
     # for weights 1 / 3 / 10 / 30
     teacher_steps: int = 1500  # the teacher's AdamW steps (batch 64; ~12 min on one thread at the default widths)
     teacher_widths: tuple[int, ...] = (32, 64, 96, 128)  # its conv blocks; block 3 (8 x 8) meets the 8 x 8 patch grid

@@ -37,7 +37,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 class ToyPortraits(Dataset):
     """Rendered portraits with their ground truth; `identities` is a range from `split_identities`."""
 
-    def __init__(self, identities: Sequence[int], n_per_identity: int, seed: int, size: int = 64, identity_prob: float = 0.3):
+    def __init__(self, identities: Sequence[int], n_per_identity: int, seed: int, size: int = 64,
+                 identity_prob: float = 0.3):
         if n_per_identity < 1 or len(identities) < 1:
             raise ValueError("ToyPortraits needs at least one identity and one image per identity")
         self.identities = identities

@@ -63,7 +63,8 @@ class AttributeCNN(nn.Module):
 
 
 def fit_attribute_cnn(images: torch.Tensor, labels: torch.Tensor, *, widths: tuple[int, ...] = (32, 64, 96, 128),
-                      steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> AttributeCNN:  # fmt: skip
+                      steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0
+                      ) -> AttributeCNN:  # fmt: skip
     """Train an `AttributeCNN` on images in [-1, 1] and `attribute_labels` (AdamW, one-cycle schedule,
     random batches); returned in eval mode."""
     torch.manual_seed(seed)
