@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperlora.toy.diagnostics import CeilingConfig, attribute_ceiling, clip_linear_probe, vae_identity_breakdown
+from hyperlora.toy.diagnostics import (CeilingConfig, attribute_ceiling, clip_linear_probe, shared_look_identity_level,
+                                      vae_identity_breakdown)  # fmt: skip
 from hyperlora.toy.identity import LOOK_ATTRIBUTES, PALETTE
 
 TOY = Path(__file__).resolve().parents[1] / "data" / "toy"
@@ -30,3 +31,11 @@ def test_vae_identity_breakdown_separates_content_from_alignment():
     # the same image re-cropped on nearby keypoints stays close; the reconstruction's content loses more
     assert result["alignment_only"] > result["shared_alignment"] > 0.5, result
     assert 0 < result["keypoint_shift_px"] < 2, result
+
+
+@pytest.mark.skipif(not (TOY / "faces" / "recognizer.onnx").is_file(), reason="toy faces not shipped")
+def test_different_people_sharing_a_look_stay_at_the_different_identity_level():
+    result = shared_look_identity_level(TOY / "faces", num_looks=6, per_look=3)
+    assert result["n_pairs"] == 18, "every render has a face"
+    assert abs(result["shared_look_different_identity_mean"]) < 0.2, result
+

@@ -5,10 +5,12 @@
   figures is the CLIP's, not the resolution's.
 - `clip_linear_probe`: a linear classifier per attribute on the toy CLIP's pooled vision features: what
   the image tower has learned, whatever the text side makes of it.
+- `shared_look_identity_level`: how alike the toy ArcFace finds different people who share one look, the
+  fair reference for the base model's same-prompt identity similarity.
 - `vae_identity_breakdown`: splits the VAE's identity loss into content (both crops aligned on the
   original's keypoints) and alignment (the detector's keypoints moving on the reconstruction).
 
-`python -m hyperlora.toy diagnose {ceiling,probe,vae}` prints each as JSON. These are measurements for
+`python -m hyperlora.toy diagnose {ceiling,probe,vae,looks}` prints each as JSON. These are measurements for
 decisions and closing notes, not gates.
 """
 
@@ -125,3 +127,23 @@ def vae_identity_breakdown(vae_path: str | Path, faces_path: str | Path, *, per_
         "keypoint_shift_px": float(np.mean([np.abs(a - b).mean() for a, b in zip(kps_original, kps_recon)])),
         "n_images": len(originals),
     }
+
+
+def shared_look_identity_level(faces_path: str | Path, *, num_looks: int = 32, per_look: int = 4) -> dict:
+    """Toy-ArcFace cosine between renders of different 'test' identities that share one look: the level the base
+    model's same-prompt identity similarity should reach if its people are as different as real ones (the
+    looks are the base model's evaluation prompts' looks, `pipeline.prompt_looks`)."""
+    from itertools import combinations
+
+    from .pipeline import face_judges, prompt_looks
+    from .render import render, split_identities
+
+    _, embed = face_judges(faces_path)
+    identities, similarities = split_identities("test"), []
+    for j, look in enumerate(prompt_looks(num_looks, 0)):
+        people = [identities[(per_look * j + k) % len(identities)] for k in range(per_look)]
+        embeddings = embed(np.stack([render(person, look).image for person in people]))
+        found = [e for e in embeddings if not torch.isnan(e).any()]  # NaN rows: no face found
+        similarities += [float(a @ b) for a, b in combinations(found, 2)]
+    return {"shared_look_different_identity_mean": float(np.mean(similarities)), "n_pairs": len(similarities)}
+
