@@ -12,10 +12,9 @@ from transformers import (CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPText
 
 from hyperlora.tokenizer import clip_tokenizer
 from hyperlora.toy.cards import read_model_card, write_model_card
-from hyperlora.toy.clip import (AttributeHeads, CLIPTrainConfig, HardBatches, attribute_prompts, caption_targets,
-                                evaluate_clip,
-                                multi_positive_loss, partial_caption,
-                                pixel_values, train_clip)  # fmt: skip
+from hyperlora.toy.clip import CLIPTrainConfig, attribute_prompts, evaluate_clip, pixel_values, train_clip
+from hyperlora.toy.clip_objectives import (AttributeHeads, HardBatches, caption_targets, multi_positive_loss,
+                                           partial_caption)  # fmt: skip
 from hyperlora.toy.data import attributes_of
 from hyperlora.toy.render import LOOK_ATTRIBUTES, render_sample
 from hyperlora.toy.vae import VAETrainConfig, evaluate_vae, psnr, train_vae

@@ -54,7 +54,6 @@ def attribute_ceiling(config: CeilingConfig | None = None) -> dict:
     """Per-attribute 'val' accuracy of a small CNN trained with labels on the toy CLIP's training renders."""
     config = config or CeilingConfig()
     torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
     train = split_renders("train", config.num_train, config.images_per_identity, 0)
     val = split_renders("val", config.val_identities, config.val_per_identity, CLIP_SEED)
     start = time.time()

@@ -246,7 +246,8 @@ BACKGROUND_PHRASES = {"plain": "a plain {} wall", "striped": "a striped {} wall"
 CAPTION_PREFIXES = ("a portrait of", "a photo of", "a picture of")
 
 
-def _a(word: str) -> str:
+def a_or_an(word: str) -> str:
+    """The indefinite article before `word` ("an orange hoodie", "a teal suit")."""
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
@@ -268,7 +269,7 @@ def caption(look: Look, params: IdentityParams, rng: np.random.Generator, identi
         person, features = "a person", [HAIR_PHRASES[look.hairstyle].format(look.hair_colour)] + traits
     if features:
         person += " with " + _join(features)
-    worn = [_a(f"{look.clothing_colour} {look.clothing_type}")]
+    worn = [a_or_an(f"{look.clothing_colour} {look.clothing_type}")]
     if look.glasses != "none":
         worn.insert(0, f"{look.glasses} {look.glasses_colour} glasses")
     background = BACKGROUND_PHRASES[look.background_pattern].format(look.background_colour)

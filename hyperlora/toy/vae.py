@@ -242,13 +242,13 @@ def _cosine(a, b) -> np.ndarray:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] through the encoder (posterior mode) and the decoder, clamped to [-1, 1]."""
     return torch.cat([vae.decode(vae.encode(images[i : i + batch]).latent_dist.mode()).sample.clamp(-1, 1)
                       for i in range(0, len(images), batch)])  # fmt: skip
 
 
+@torch.no_grad()
 def evaluate_vae(path: str | Path, *, split: str = "test", n_per_identity: int = 2, seed: int = EVAL_SEED,
                  num_identities: int | None = None, batch: int = 64, face_embed: FaceEmbed | None = None,
                  threads: int | None = None) -> dict:
