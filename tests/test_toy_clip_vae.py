@@ -17,7 +17,8 @@ from hyperlora.toy.clip_objectives import (AttributeHeads, HardBatches, caption_
                                            partial_caption)  # fmt: skip
 from hyperlora.toy.data import attributes_of
 from hyperlora.toy.render import LOOK_ATTRIBUTES, render_sample
-from hyperlora.toy.vae import VAETrainConfig, evaluate_vae, psnr, train_vae
+from hyperlora.toy.teacher import AttributeCNN
+from hyperlora.toy.vae import VAETrainConfig, evaluate_vae, identity_distance, psnr, train_vae
 
 PROMPTS = ["fcsks fxhks fhyks, a portrait of a person with curly red hair, wearing a teal hoodie", "a bald person!"]
 SMOKE_CLIP = CLIPTrainConfig.smoke(eval_every=2, val_identities=4, partial_captions=0.5, distill_weight=1.0)
@@ -165,6 +166,21 @@ def test_vae_shapes_and_scaling_factor(vae_dir):
     assert vae.config.scaling_factor == pytest.approx(1 / card["figures"]["latent_std"], rel=1e-4)
     assert CARD_KEYS <= set(card) and "psnr" in card["figures"] and card["git_commit"]
     assert VAETrainConfig.from_dict(card["config"]) == VAETrainConfig.smoke()
+    assert card["figures"]["identity_net_classes"] == 8 and 0 <= card["figures"]["identity_net_new_look_accuracy"] <= 1
+
+
+def test_identity_distance_is_zero_on_the_original_and_trains_only_the_reconstruction():
+    torch.manual_seed(0)
+    net = AttributeCNN(widths=(4, 8, 8), classes={"identity": 5}).eval().requires_grad_(False)
+    images = torch.from_numpy(_renders(2)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert identity_distance(net, images, images).item() == pytest.approx(0.0, abs=1e-6)
+    recon = (images + 0.3 * torch.randn_like(images)).requires_grad_(True)
+    distance = identity_distance(net, recon, images)
+    distance.backward()
+    assert distance.item() > 0.01 and recon.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.parameters())
+    flipped = identity_distance(net, images.flip(-1), images).item()  # a mirrored face moves the features too
+    assert flipped > 0.01
 
 
 def test_vae_evaluation_keys_and_face_hook(vae_dir):

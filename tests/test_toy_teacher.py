@@ -27,3 +27,20 @@ def test_labels_mark_invisible_attributes_for_the_losses_to_skip():
     bald = torch.tensor([a["hairstyle"] == "bald" for a in train["attributes"]])
     assert labels.shape == (60, len(LOOK_ATTRIBUTES)) and bald.any() and (~bald).any()
     assert (labels[bald, hair] == -100).all() and (labels[~bald, hair] >= 0).all()
+
+
+def test_sub_patch_targets_give_each_token_the_cells_inside_its_patch():
+    torch.manual_seed(0)
+    model, images = AttributeCNN(widths=(4, 6, 8, 10)).eval(), torch.rand(3, 3, 64, 64) * 2 - 1
+    coarse, _ = distillation_targets(model, images, 8)
+    dense, _ = distillation_targets(model, images, 8, sub=2)
+    assert dense.shape == (3, 64, 8 + 2 * 2 * 6)  # the 8 x 8 map's 8 channels, then 4 cells of the 16 x 16 map
+    assert torch.allclose(dense[..., :8], coarse, atol=1e-5)
+    with torch.no_grad():
+        fine = model.features(images)[1]  # [3, 6, 16, 16]
+    row, col, r, c = 2, 5, 1, 0  # token (2, 5), its lower-left cell: pixel (5, 10) of the 16 x 16 map
+    raw = fine[:, :, 2 * row + r, 2 * col + c]
+    flat = fine[:, :, r::2, c::2].permute(0, 2, 3, 1).reshape(-1, 6)  # each cell's channels are standardised apart
+    expected = (raw - flat.mean(0)) / flat.std(0).clamp_min(1e-6)
+    cell = dense[:, row * 8 + col, 8 + (r * 2 + c) * 6 : 8 + (r * 2 + c + 1) * 6]
+    assert torch.allclose(cell, expected, atol=1e-4)

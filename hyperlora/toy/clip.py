@@ -113,6 +113,8 @@ class CLIPTrainConfig:
     # for weights 1 / 3 / 10 / 30
     teacher_steps: int = 1500  # the teacher's AdamW steps (batch 64; ~12 min on one thread at the default widths)
     teacher_widths: tuple[int, ...] = (32, 64, 96, 128)  # its conv blocks; block 3 (8 x 8) meets the 8 x 8 patch grid
+    distill_sub: int = 1  # > 1: each patch token also regresses the teacher's finer map (16 x 16 at 2) as its
+    # distill_sub x distill_sub cells: detail finer than a patch (`distillation_targets(sub=)`)
     init_logit_scale: float = math.log(1 / 0.07)  # learnable temperature, CLIP's initial value
     max_logit_scale: float = 100.0  # clamp on exp(logit_scale) after every step, as in CLIP
     seed: int = 0  # model initialisation and batch order
@@ -221,7 +223,8 @@ def _teacher_targets(config: CLIPTrainConfig, arrays: dict) -> tuple[torch.Tenso
     val = split_renders("val", config.val_identities, 1, EVAL_SEED, config.image_size)
     figures = evaluate_attribute_cnn(teacher, to_tensor(val["images"]), attribute_labels(val))
     log.info("CNN teacher: val attribute accuracy %.3f", figures["mean"])
-    dense, pooled = distillation_targets(teacher, images, config.image_size // config.patch_size)
+    dense, pooled = distillation_targets(teacher, images, config.image_size // config.patch_size,
+                                         sub=config.distill_sub)
     return dense, pooled, figures
 
 

@@ -33,11 +33,17 @@ def attribute_accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> dict
     return out
 
 
+def look_classes() -> dict[str, int]:
+    """The number of values of every look attribute: the default heads of an `AttributeCNN`."""
+    return {name: len(values) for name, values in LOOK_ATTRIBUTES.items()}
+
+
 class AttributeCNN(nn.Module):
     """Conv blocks (2 convs, BatchNorm, ReLU, 2x max-pool each), global average pool, one linear head per
-    look attribute. Input: images in [-1, 1] (`data.to_tensor`)."""
+    classified attribute: by default every look attribute (`classes`: name -> number of classes; the toy
+    VAE's identity network has one head, the training identity). Input: images in [-1, 1] (`data.to_tensor`)."""
 
-    def __init__(self, *, widths: tuple[int, ...] = (32, 64, 96, 128)):
+    def __init__(self, *, widths: tuple[int, ...] = (32, 64, 96, 128), classes: dict[str, int] | None = None):
         super().__init__()
         blocks, width = [], 3
         for out in widths:
@@ -46,7 +52,7 @@ class AttributeCNN(nn.Module):
                 nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)))  # fmt: skip
             width = out
         self.blocks = nn.ModuleList(blocks)
-        self.heads = nn.ModuleList(nn.Linear(width, len(values)) for values in LOOK_ATTRIBUTES.values())
+        self.heads = nn.ModuleList(nn.Linear(width, n) for n in (classes or look_classes()).values())
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The output of every block: [N, width_i, H / 2^(i+1), W / 2^(i+1)]."""
@@ -63,17 +69,17 @@ class AttributeCNN(nn.Module):
 
 
 def fit_attribute_cnn(images: torch.Tensor, labels: torch.Tensor, *, widths: tuple[int, ...] = (32, 64, 96, 128),
-                      steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0
-                      ) -> AttributeCNN:  # fmt: skip
-    """Train an `AttributeCNN` on images in [-1, 1] and `attribute_labels` (AdamW, one-cycle schedule,
-    random batches); returned in eval mode."""
+                      steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                      classes: dict[str, int] | None = None, desc: str = "attribute CNN") -> AttributeCNN:
+    """Train an `AttributeCNN` on images in [-1, 1] and labels [N, heads] (`attribute_labels` for the default
+    look heads; -100 skips) with AdamW, a one-cycle schedule and random batches; returned in eval mode."""
     torch.manual_seed(seed)
-    model = AttributeCNN(widths=tuple(widths))
+    model = AttributeCNN(widths=tuple(widths), classes=classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in trange(steps, desc="attribute CNN", mininterval=5):
+    for _ in trange(steps, desc=desc, mininterval=5):
         batch = torch.randint(0, len(images), (batch_size,), generator=generator)
         _, logits = model(images[batch])
         loss = sum(F.cross_entropy(out, labels[batch, j], ignore_index=-100) for j, out in enumerate(logits))
@@ -93,17 +99,20 @@ def evaluate_attribute_cnn(model: AttributeCNN, images: torch.Tensor, labels: to
 
 
 @torch.no_grad()
-def distillation_targets(model: AttributeCNN, images: torch.Tensor, grid: int, batch: int = 256
+def distillation_targets(model: AttributeCNN, images: torch.Tensor, grid: int, batch: int = 256, *, sub: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The teacher's targets for a ViT with a `grid` x `grid` patch grid: (dense [N, grid * grid, C] from the
     first block whose map is no larger than the grid, average-pooled onto it; pooled [N, width]), each
-    standardised per channel over `images` so that every channel weighs alike in an MSE."""
+    standardised per channel over `images` so that every channel weighs alike in an MSE.
+
+    With `sub` > 1 each patch token's target also carries the first map no larger than `grid * sub`,
+    pooled to that size, as its `sub` x `sub` cells inside the patch (C_fine * sub^2 more channels): detail
+    finer than a patch, such as the mouth's shape, that the coarse map holds only as an average."""
     dense, pooled = [], []
     for i in range(0, len(images), batch):
         maps = model.features(images[i : i + batch])
-        level = next((m for m in maps if m.shape[-1] <= grid), maps[-1])
-        level = F.adaptive_avg_pool2d(level, grid) if level.shape[-1] != grid else level
-        dense.append(level.flatten(2).transpose(1, 2))  # [n, C, grid, grid] -> [n, grid * grid, C]
+        parts = [_on_grid(maps, grid, 1)] + ([_on_grid(maps, grid, sub)] if sub > 1 else [])
+        dense.append(torch.cat(parts, dim=-1))
         pooled.append(maps[-1].mean((2, 3)))
     dense, pooled = torch.cat(dense), torch.cat(pooled)
 
@@ -112,3 +121,14 @@ def distillation_targets(model: AttributeCNN, images: torch.Tensor, grid: int, b
         return (x - flat.mean(0)) / flat.std(0).clamp_min(1e-6)  # a channel that never fires stays 0
 
     return standardise(dense), standardise(pooled)
+
+
+def _on_grid(maps: list[torch.Tensor], grid: int, sub: int) -> torch.Tensor:
+    """The first map no larger than `grid * sub`, pooled to it, as [n, grid * grid, sub * sub * C] in the
+    ViT's row-major token order (each token's sub x sub cells row-major, channels last)."""
+    size = grid * sub
+    level = next((m for m in maps if m.shape[-1] <= size), maps[-1])
+    level = F.adaptive_avg_pool2d(level, size) if level.shape[-1] != size else level
+    n, c = level.shape[:2]
+    cells = level.reshape(n, c, grid, sub, grid, sub).permute(0, 2, 4, 3, 5, 1)  # [n, row, col, sub_r, sub_c, C]
+    return cells.reshape(n, grid * grid, sub * sub * c)

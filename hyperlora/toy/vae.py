@@ -32,6 +32,7 @@ from ..config import strict_from_dict
 from .cards import write_model_card
 from .data import ToyPortraits, render_arrays, split_renders, to_tensor, to_uint8
 from .render import split_identities
+from .teacher import AttributeCNN, fit_attribute_cnn
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ class VAETrainConfig:
     face_weight: float = 6.0  # extra weight of face pixels (render mask) in the L1/L2 terms: the face is ~8 %
     # of the image but carries the identity that HyperLoRA must reproduce. At 3,500 steps, 6 gave 28.6 dB and
     # identity cosine 0.867; 12 gave 28.3 dB and 0.865 (2,600 steps at 4: 27.7 dB, 0.82)
+    identity_weight: float = 1.0  # weight of an identity-perceptual loss: LPIPS-style distance (unit-normalised
+    # channels, squared difference, averaged over blocks) between the features of original and reconstruction in
+    # a small CNN trained first to tell the training identities apart (`identity_network`; no pretrained
+    # network is available offline). It is not the toy ArcFace that judges the identity gate. 0: none
+    identity_steps: int = 1000  # the identity CNN's AdamW steps (batch 64)
+    identity_widths: tuple[int, ...] = (32, 64, 96, 128)  # its conv blocks
     seed: int = 0  # model initialisation, batch order and posterior samples
     threads: int = 1  # torch CPU threads; on the shared 2-core box 2 threads ran ~9x slower than 1
     # calibration, evaluation and saving
@@ -83,6 +90,7 @@ class VAETrainConfig:
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
+        self.identity_widths = tuple(self.identity_widths)
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block width "
                              f"{self.block_out_channels}")
@@ -96,7 +104,7 @@ class VAETrainConfig:
         """Tiny sizes and a handful of steps: checks the plumbing in seconds, learns nothing."""
         values = dict(block_out_channels=(8, 16, 16), norm_num_groups=8, num_train=8, images_per_identity=2, steps=3,
                       batch_size=8, warmup_steps=1, scale_images=16, eval_identities=8, eval_per_identity=1,
-                      log_every=1)  # fmt: skip
+                      log_every=1, identity_steps=2, identity_widths=(4, 8, 8))  # fmt: skip
         return cls(**{**values, **overrides})
 
     @classmethod
@@ -121,10 +129,43 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
+def identity_network(config: VAETrainConfig, images: torch.Tensor, identities: np.ndarray
+                     ) -> tuple[AttributeCNN, dict]:  # fmt: skip
+    """The identity-perceptual loss's network: an `AttributeCNN` with one head over the training identities,
+    trained on the VAE's training renders (frozen, eval mode), and its accuracy on new renders (other looks)
+    of the first 500 of those identities."""
+    start = time.time()
+    known, labels = np.unique(identities, return_inverse=True)
+    net = fit_attribute_cnn(images, torch.from_numpy(labels).long()[:, None], widths=config.identity_widths,
+                            steps=config.identity_steps, seed=config.seed, classes={"identity": len(known)},
+                            desc="identity CNN")  # fmt: skip
+    held = ToyPortraits(known[:500].tolist(), 1, config.data_seed + 1, size=config.image_size)
+    arrays = render_arrays(held, progress=False)
+    with torch.no_grad():
+        predicted = known[net(to_tensor(arrays["images"]))[1][0].argmax(-1).numpy()]
+    figures = {"identity_net_new_look_accuracy": float((predicted == arrays["identities"]).mean()),
+               "identity_net_classes": len(known), "identity_net_seconds": time.time() - start}
+    log.info("identity CNN: %.3f of new renders of %d training identities named (%.0f s)", *figures.values())
+    return net.requires_grad_(False), figures
+
+
+def identity_distance(net: AttributeCNN, recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """LPIPS-style distance without learned weights (Zhang et al. 2018): per block of `net`, channels
+    unit-normalised at every position, squared difference summed over channels, averaged over positions and
+    images; the mean over blocks. Gradients flow into `recon` only."""
+    with torch.no_grad():
+        targets = net.features(images)
+    distances = [(F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1).mean()
+                 for a, b in zip(net.features(recon), targets)]  # fmt: skip
+    return torch.stack(distances).mean()
+
+
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, config: VAETrainConfig, generator=None,
-             masks: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             masks: torch.Tensor | None = None, identity_net: AttributeCNN | None = None
+             ) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """Weighted L1 + L2 + image-gradient L1 reconstruction loss plus KL; images in [-1, 1]. With face
-    `masks` [N, H, W] the L1/L2 terms weigh face pixels 1 + config.face_weight times (mean weight kept at 1)."""
+    `masks` [N, H, W] the L1/L2 terms weigh face pixels 1 + config.face_weight times (mean weight kept at 1);
+    with `identity_net`, plus config.identity_weight x `identity_distance`."""
     posterior = vae.encode(images).latent_dist
     recon = vae.decode(posterior.sample(generator)).sample
     weight = torch.ones_like(images[:, :1])
@@ -138,6 +179,8 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, config: VAETrainConfig, g
         "kl": posterior.kl().mean() / posterior.mean[0].numel(),
     }
     weights = {"l1": config.l1_weight, "l2": config.l2_weight, "edge": config.edge_weight, "kl": config.kl_weight}
+    if identity_net is not None:
+        terms["identity"], weights["identity"] = identity_distance(identity_net, recon, images), config.identity_weight
     return sum(weights[k] * v for k, v in terms.items()), {k: v.item() for k, v in terms.items()}
 
 
@@ -160,13 +203,13 @@ def save_vae(vae: AutoencoderKL, folder: str | Path, dtype: str = "float32") -> 
     return folder
 
 
-def _training_images(config: VAETrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training renders in [-1, 1] [N, 3, H, W] and their face masks [N, H, W] (bool)."""
+def _training_images(config: VAETrainConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Training renders in [-1, 1] [N, 3, H, W], their face masks [N, H, W] (bool) and identities [N]."""
     data = ToyPortraits(split_identities("train", config.num_train), config.images_per_identity, config.data_seed,
                         size=config.image_size)  # fmt: skip
     arrays = render_arrays(data)
     images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    return images, torch.from_numpy(arrays["masks"])
+    return images, torch.from_numpy(arrays["masks"]), np.asarray(arrays["identities"])
 
 
 def train_vae(config: VAETrainConfig, out_dir: str | Path, *, evaluate: bool = True,
@@ -175,7 +218,8 @@ def train_vae(config: VAETrainConfig, out_dir: str | Path, *, evaluate: bool = T
     torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
-    images, masks = _training_images(config)
+    images, masks, identities = _training_images(config)
+    identity_net, figures = identity_network(config, images, identities) if config.identity_weight else (None, {})
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, masks), batch_size=config.batch_size,
                                          shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
@@ -197,7 +241,7 @@ def train_vae(config: VAETrainConfig, out_dir: str | Path, *, evaluate: bool = T
             except StopIteration:
                 batches = iter(loader)
                 continue
-            loss, terms = vae_loss(accelerator.unwrap_model(vae), batch, config, generator, batch_masks)
+            loss, terms = vae_loss(accelerator.unwrap_model(vae), batch, config, generator, batch_masks, identity_net)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(vae.parameters(), config.grad_clip)
             optimizer.step()
@@ -209,14 +253,14 @@ def train_vae(config: VAETrainConfig, out_dir: str | Path, *, evaluate: bool = T
                 # face-weighted; [-1, 1] pixels: peak-to-peak 2
                 train_psnr = 10 * np.log10(4.0 / max(terms["l2"], 1e-12))
                 bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{train_psnr:.1f}")
-                log.info("step %d/%d loss %.4f train PSNR %.2f dB kl %.3f", step, config.steps, loss.item(),
-                         train_psnr, terms["kl"])  # fmt: skip
-    seconds = time.time() - start
+                log.info("step %d/%d loss %.4f train PSNR %.2f dB kl %.3f identity %.4f", step, config.steps,
+                         loss.item(), train_psnr, terms["kl"], terms.get("identity", float("nan")))  # fmt: skip
+    seconds = time.time() - start + figures.get("identity_net_seconds", 0.0)  # the identity CNN is part of training
     vae = accelerator.unwrap_model(vae).eval()
     std = latent_std(vae, images[: config.scale_images].to(accelerator.device))
     vae.register_to_config(scaling_factor=1.0 / std)
     save_vae(vae, out_dir, config.save_dtype)
-    figures, gates = {"steps": step, "latent_std": std}, {}
+    figures, gates = {"steps": step, "latent_std": std, **figures}, {}
     if evaluate:
         figures.update(evaluate_vae(out_dir, n_per_identity=config.eval_per_identity,
                                     num_identities=config.eval_identities, face_embed=face_embed,
