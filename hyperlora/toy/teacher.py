@@ -9,19 +9,47 @@ reason; here the targets are the CNN's feature maps, FitNets-style, Romero et al
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import trange
 
-from .identity import LOOK_ATTRIBUTES
+from .identity import BROW_COLOURS, IRIS_COLOURS, LOOK_ATTRIBUTES, SKIN_TONES, IdentityParams, identity_params
+
+# Identity traits an identity network learns to read (`identity_trait_labels`): the categorical ones with their
+# values, the marks as counts, and every continuous trait of `IdentityParams` cut into quantile bins.
+TRAIT_CATEGORIES = {"skin_tone": list(SKIN_TONES), "iris_colour": list(IRIS_COLOURS), "brow_colour": list(BROW_COLOURS)}
+CONTINUOUS_TRAITS = tuple(f.name for f in dataclasses.fields(IdentityParams) if f.type == "float")
 
 
 def attribute_labels(arrays: dict) -> torch.Tensor:
     """[N, attributes] class indices, -100 where the attribute is not visible (bald hair colour, ...)."""
     return torch.tensor([[values.index(a[name]) if a[name] else -100 for name, values in LOOK_ATTRIBUTES.items()]
                          for a in arrays["attributes"]])  # fmt: skip
+
+
+def identity_trait_labels(identities, *, bins: int = 4, edges: dict[str, np.ndarray] | None = None
+                          ) -> tuple[torch.Tensor, dict[str, int], dict[str, np.ndarray]]:  # fmt: skip
+    """Class labels [N, traits] of every identity's traits, the number of classes per trait (an `AttributeCNN`'s
+    `classes`) and the bin edges of the continuous traits: quantiles over `identities` unless `edges` are given
+    (pass the training identities' edges to label held-out ones alike). Marks are counted: moles (0-3),
+    freckles and scar (0/1). Unlike an identity index, traits are shared between people, so a network that
+    reads them reads unseen people too."""
+    people = [identity_params(int(i)) for i in identities]
+    columns = {name: [values.index(getattr(p, name)) for p in people] for name, values in TRAIT_CATEGORIES.items()}
+    columns |= {"moles": [min(len(p.moles), 3) for p in people], "freckles": [int(bool(p.freckles)) for p in people],
+                "scar": [int(p.scar is not None) for p in people]}  # fmt: skip
+    classes = {name: len(values) for name, values in TRAIT_CATEGORIES.items()} | {"moles": 4, "freckles": 2, "scar": 2}
+    if edges is None:
+        edges = {name: np.quantile([getattr(p, name) for p in people], np.linspace(0, 1, bins + 1)[1:-1])
+                 for name in CONTINUOUS_TRAITS}  # fmt: skip
+    for name in CONTINUOUS_TRAITS:
+        columns[name] = np.searchsorted(edges[name], [getattr(p, name) for p in people]).tolist()
+        classes[name] = len(edges[name]) + 1
+    return torch.tensor(list(zip(*columns.values()))), classes, edges
 
 
 def attribute_accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:

@@ -32,7 +32,7 @@ from ..config import strict_from_dict
 from .cards import write_model_card
 from .data import ToyPortraits, render_arrays, split_renders, to_tensor, to_uint8
 from .render import split_identities
-from .teacher import AttributeCNN, fit_attribute_cnn
+from .teacher import AttributeCNN, fit_attribute_cnn, identity_trait_labels
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class VAETrainConfig:
     # identity cosine 0.867; 12 gave 28.3 dB and 0.865 (2,600 steps at 4: 27.7 dB, 0.82)
     identity_weight: float = 1.0  # weight of an identity-perceptual loss: LPIPS-style distance (unit-normalised
     # channels, squared difference, averaged over blocks) between the features of original and reconstruction in
-    # a small CNN trained first to tell the training identities apart (`identity_network`; no pretrained
-    # network is available offline). It is not the toy ArcFace that judges the identity gate. 0: none
+    # a small CNN trained first to read every identity trait of the training renders (`identity_network`; no
+    # pretrained network is available offline). It is not the toy ArcFace that judges the identity gate. 0: none
     identity_steps: int = 1000  # the identity CNN's AdamW steps (batch 64)
     identity_widths: tuple[int, ...] = (32, 64, 96, 128)  # its conv blocks
     seed: int = 0  # model initialisation, batch order and posterior samples
@@ -131,21 +131,23 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def identity_network(config: VAETrainConfig, images: torch.Tensor, identities: np.ndarray
                      ) -> tuple[AttributeCNN, dict]:  # fmt: skip
-    """The identity-perceptual loss's network: an `AttributeCNN` with one head over the training identities,
-    trained on the VAE's training renders (frozen, eval mode), and its accuracy on new renders (other looks)
-    of the first 500 of those identities."""
+    """The identity-perceptual loss's network: an `AttributeCNN` trained on the VAE's training renders to read
+    every identity trait (`identity_trait_labels`: skin tone, iris colour, marks, binned face, eye, brow,
+    nose and mouth geometry), frozen, in eval mode; and its mean trait accuracy on renders of 'val' people."""
     start = time.time()
-    known, labels = np.unique(identities, return_inverse=True)
-    net = fit_attribute_cnn(images, torch.from_numpy(labels).long()[:, None], widths=config.identity_widths,
-                            steps=config.identity_steps, seed=config.seed, classes={"identity": len(known)},
-                            desc="identity CNN")  # fmt: skip
-    held = ToyPortraits(known[:500].tolist(), 1, config.data_seed + 1, size=config.image_size)
-    arrays = render_arrays(held, progress=False)
+    labels, classes, edges = identity_trait_labels(identities)
+    net = fit_attribute_cnn(images, labels, widths=config.identity_widths, steps=config.identity_steps,
+                            seed=config.seed, classes=classes, desc="identity-trait CNN")  # fmt: skip
+    val = split_renders("val", 100, 2, EVAL_SEED, config.image_size)
     with torch.no_grad():
-        predicted = known[net(to_tensor(arrays["images"]))[1][0].argmax(-1).numpy()]
-    figures = {"identity_net_new_look_accuracy": float((predicted == arrays["identities"]).mean()),
-               "identity_net_classes": len(known), "identity_net_seconds": time.time() - start}
-    log.info("identity CNN: %.3f of new renders of %d training identities named (%.0f s)", *figures.values())
+        _, logits = net(to_tensor(val["images"]))
+    truth = identity_trait_labels(val["identities"], edges=edges)[0]
+    accuracy = {name: float((out.argmax(-1) == truth[:, j]).float().mean()) for j, (name, out) in
+                enumerate(zip(classes, logits))}  # fmt: skip
+    figures = {"identity_net_val_trait_accuracy": float(np.mean(list(accuracy.values()))),
+               "identity_net_val_per_trait": accuracy, "identity_net_seconds": time.time() - start}
+    log.info("identity-trait CNN: val trait accuracy %.3f (%.0f s)", figures["identity_net_val_trait_accuracy"],
+             figures["identity_net_seconds"])  # fmt: skip
     return net.requires_grad_(False), figures
 
 
