@@ -44,3 +44,23 @@ def test_sub_patch_targets_give_each_token_the_cells_inside_its_patch():
     expected = (raw - flat.mean(0)) / flat.std(0).clamp_min(1e-6)
     cell = dense[:, row * 8 + col, 8 + (r * 2 + c) * 6 : 8 + (r * 2 + c + 1) * 6]
     assert torch.allclose(cell, expected, atol=1e-4)
+
+
+def test_identity_trait_labels_read_each_persons_traits_and_bin_held_out_people_alike():
+    from hyperlora.toy.identity import identity_params, split_identities
+    from hyperlora.toy.teacher import CONTINUOUS_TRAITS, TRAIT_CATEGORIES, identity_trait_labels
+
+    train = list(split_identities("train", 400))
+    labels, classes, edges = identity_trait_labels(train)
+    assert labels.shape == (400, len(classes)) and len(CONTINUOUS_TRAITS) >= 15
+    names = list(classes)
+    person = identity_params(train[7])
+    assert labels[7, names.index("skin_tone")] == TRAIT_CATEGORIES["skin_tone"].index(person.skin_tone)
+    assert labels[7, names.index("scar")] == int(person.scar is not None)
+    width = labels[:, names.index("face_width")]
+    assert torch.bincount(width).tolist() == [100] * 4, "quantile bins are balanced on the identities they come from"
+    assert all((labels[:, j] < n).all() and (labels[:, j] >= 0).all() for j, n in enumerate(classes.values()))
+    held = list(split_identities("val"))[:50]
+    again, _, _ = identity_trait_labels(held, edges=edges)
+    alone, _, _ = identity_trait_labels(held)
+    assert not torch.equal(again, alone), "held-out people are binned on the training edges, not their own"
