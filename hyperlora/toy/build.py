@@ -136,7 +136,7 @@ def _face_judge(out: Path, step: str):
 def ship_pipeline(out: Path, *, smoke: bool, standins: bool = False) -> Path:
     """Assemble <out>/sdxl from the trained parts, evaluate it with whichever judges exist, write its card."""
     from .cards import read_model_card, write_model_card
-    from .pipeline import assemble_pipeline, clip_judge, evaluate_base_model, face_judges
+    from .pipeline import TOY_GUIDANCE, assemble_pipeline, clip_judge, evaluate_base_model, face_judges
 
     unet = out / "unet"
     if not unet.is_dir():
@@ -171,7 +171,7 @@ def ship_pipeline(out: Path, *, smoke: bool, standins: bool = False) -> Path:
     unet_card = read_model_card(unet)
     figures["eval_seconds"] = time.perf_counter() - start
     figures["folder_mb"], figures["unet_mb"] = folder_size(folder) / 1e6, folder_size(folder / "unet") / 1e6
-    config = {"evaluation": sizes or "defaults", "unet": unet_card["config"]}
+    config = {"evaluation": {**sizes, "guidance_scale": TOY_GUIDANCE}, "unet": unet_card["config"]}
     write_model_card(folder, name="toy SDXL base model", config=config, train_seconds=unet_card["train_seconds"],
                      figures=figures, gates=gates,
                      summary="The toy world's StableDiffusionXLPipeline: toy CLIP text tower as both text encoders, "
