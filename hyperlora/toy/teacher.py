@@ -52,10 +52,12 @@ def identity_trait_labels(identities, *, bins: int = 4, edges: dict[str, np.ndar
     return torch.tensor(list(zip(*columns.values()))), classes, edges
 
 
-def attribute_accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
-    """Per-attribute accuracy of one logits tensor per attribute, over the images where it is visible."""
+def attribute_accuracy(logits: list[torch.Tensor], labels: torch.Tensor, names=LOOK_ATTRIBUTES
+                       ) -> dict[str, float]:  # fmt: skip
+    """Per-attribute accuracy of one logits tensor per attribute (`names`, in head order; default: the look
+    attributes), over the images where it is visible (label >= 0)."""
     out = {}
-    for j, name in enumerate(LOOK_ATTRIBUTES):
+    for j, name in enumerate(names):
         seen = labels[:, j] >= 0
         out[name] = float((logits[j][seen].argmax(-1) == labels[seen, j]).float().mean())
     return out
@@ -69,7 +71,8 @@ def look_classes() -> dict[str, int]:
 class AttributeCNN(nn.Module):
     """Conv blocks (2 convs, BatchNorm, ReLU, 2x max-pool each), global average pool, one linear head per
     classified attribute: by default every look attribute (`classes`: name -> number of classes; the toy
-    VAE's identity network has one head, the training identity). Input: images in [-1, 1] (`data.to_tensor`)."""
+    VAE's identity network has one head per identity trait, `identity_trait_labels`). Input: images in
+    [-1, 1] (`data.to_tensor`)."""
 
     def __init__(self, *, widths: tuple[int, ...] = (32, 64, 96, 128), classes: dict[str, int] | None = None):
         super().__init__()
@@ -119,10 +122,11 @@ def fit_attribute_cnn(images: torch.Tensor, labels: torch.Tensor, *, widths: tup
 
 
 @torch.no_grad()
-def evaluate_attribute_cnn(model: AttributeCNN, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Per-attribute accuracy and its mean on held-out images."""
+def evaluate_attribute_cnn(model: AttributeCNN, images: torch.Tensor, labels: torch.Tensor,
+                           names=LOOK_ATTRIBUTES) -> dict:  # fmt: skip
+    """Per-attribute accuracy and its mean on held-out images (`names`: the model's heads, in order)."""
     _, logits = model(images)
-    accuracy = attribute_accuracy(logits, labels)
+    accuracy = attribute_accuracy(logits, labels, names)
     return {"accuracy": accuracy, "mean": float(np.mean(list(accuracy.values())))}
 
 

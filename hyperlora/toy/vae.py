@@ -34,7 +34,7 @@ from ..config import strict_from_dict
 from .cards import write_model_card
 from .data import ToyPortraits, render_arrays, split_renders, to_tensor, to_uint8
 from .render import split_identities
-from .teacher import AttributeCNN, fit_attribute_cnn, identity_trait_labels
+from .teacher import AttributeCNN, evaluate_attribute_cnn, fit_attribute_cnn, identity_trait_labels
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +141,10 @@ def identity_network(config: VAETrainConfig, images: torch.Tensor, identities: n
     net = fit_attribute_cnn(images, labels, widths=config.identity_widths, steps=config.identity_steps,
                             seed=config.seed, classes=classes, desc="identity-trait CNN")  # fmt: skip
     val = split_renders("val", 100, 2, EVAL_SEED, config.image_size)
-    with torch.no_grad():
-        _, logits = net(to_tensor(val["images"]))
     truth = identity_trait_labels(val["identities"], edges=edges)[0]
-    accuracy = {name: float((out.argmax(-1) == truth[:, j]).float().mean()) for j, (name, out) in
-                enumerate(zip(classes, logits))}  # fmt: skip
-    figures = {"identity_net_val_trait_accuracy": float(np.mean(list(accuracy.values()))),
-               "identity_net_val_per_trait": accuracy, "identity_net_seconds": time.time() - start}
+    result = evaluate_attribute_cnn(net, to_tensor(val["images"]), truth, classes)
+    figures = {"identity_net_val_trait_accuracy": result["mean"], "identity_net_val_per_trait": result["accuracy"],
+               "identity_net_seconds": time.time() - start}
     log.info("identity-trait CNN: val trait accuracy %.3f (%.0f s)", figures["identity_net_val_trait_accuracy"],
              figures["identity_net_seconds"])  # fmt: skip
     return net.requires_grad_(False), figures
