@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
+from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -81,6 +82,10 @@ class VAETrainConfig:
     # pretrained network is available offline). It is not the toy ArcFace that judges the identity gate. 0: none
     identity_steps: int = 1000  # the identity CNN's AdamW steps (batch 64)
     identity_widths: tuple[int, ...] = (32, 64, 96, 128)  # its conv blocks
+    identity_crop: int = 32  # the identity CNN reads a square crop around the render's face box, resampled to
+    # this side (`face_crops`): the face is ~28 x 31 px of the 64 x 64 render, so a 32 px crop keeps its detail
+    # at a quarter of the whole image's cost. 0: the whole image (the build then took 55 min for the VAE alone)
+    identity_margin: float = 1.2  # the crop's side over the face box's longer side (keeps jaw and forehead)
     seed: int = 0  # model initialisation, batch order and posterior samples
     threads: int = 1  # torch CPU threads; on the shared 2-core box 2 threads ran ~9x slower than 1
     # calibration, evaluation and saving
@@ -131,18 +136,34 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
-def identity_network(config: VAETrainConfig, images: torch.Tensor, identities: np.ndarray
+def face_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, margin: float = 1.2) -> torch.Tensor:
+    """Square crops [N, C, size, size] of images [N, C, H, W] around face boxes [N, 4] (x0, y0, x1, y1 in
+    pixels), `margin` times the box's longer side, bilinearly resampled (torchvision's `roi_align`, which
+    passes gradients to `images`). size 0: the images unchanged."""
+    if not size:
+        return images
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True) * margin / 2
+    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], centre - half, centre + half], 1)
+    return roi_align(images, rois.to(images), size, sampling_ratio=2, aligned=True)
+
+
+def identity_network(config: VAETrainConfig, images: torch.Tensor, boxes: torch.Tensor, identities: np.ndarray
                      ) -> tuple[AttributeCNN, dict]:  # fmt: skip
-    """The identity-perceptual loss's network: an `AttributeCNN` trained on the VAE's training renders to read
-    every identity trait (`identity_trait_labels`: skin tone, iris colour, marks, binned face, eye, brow,
-    nose and mouth geometry), frozen, in eval mode; and its mean trait accuracy on renders of 'val' people."""
+    """The identity-perceptual loss's network: an `AttributeCNN` trained on face crops (`face_crops`) of the
+    VAE's training renders to read every identity trait (`identity_trait_labels`: skin tone, iris colour, marks,
+    binned face, eye, brow, nose and mouth geometry), frozen, in eval mode; and its mean trait accuracy on renders
+    of 'val' people."""
     start = time.time()
     labels, classes, edges = identity_trait_labels(identities)
-    net = fit_attribute_cnn(images, labels, widths=config.identity_widths, steps=config.identity_steps,
+    crops = face_crops(images, boxes, config.identity_crop, config.identity_margin)
+    net = fit_attribute_cnn(crops, labels, widths=config.identity_widths, steps=config.identity_steps,
                             seed=config.seed, classes=classes, desc="identity-trait CNN")  # fmt: skip
     val = split_renders("val", 100, 2, EVAL_SEED, config.image_size)
     truth = identity_trait_labels(val["identities"], edges=edges)[0]
-    result = evaluate_attribute_cnn(net, to_tensor(val["images"]), truth, classes)
+    val_crops = face_crops(to_tensor(val["images"]), torch.from_numpy(val["boxes"]), config.identity_crop,
+                           config.identity_margin)  # fmt: skip
+    result = evaluate_attribute_cnn(net, val_crops, truth, classes)
     figures = {"identity_net_val_trait_accuracy": result["mean"], "identity_net_val_per_trait": result["accuracy"],
                "identity_net_seconds": time.time() - start}
     log.info("identity-trait CNN: val trait accuracy %.3f (%.0f s)", figures["identity_net_val_trait_accuracy"],
@@ -162,11 +183,12 @@ def identity_distance(net: AttributeCNN, recon: torch.Tensor, images: torch.Tens
 
 
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, config: VAETrainConfig, generator=None,
-             masks: torch.Tensor | None = None, identity_net: AttributeCNN | None = None
-             ) -> tuple[torch.Tensor, dict]:  # fmt: skip
+             masks: torch.Tensor | None = None, identity_net: AttributeCNN | None = None,
+             boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """Weighted L1 + L2 + image-gradient L1 reconstruction loss plus KL; images in [-1, 1]. With face
     `masks` [N, H, W] the L1/L2 terms weigh face pixels 1 + config.face_weight times (mean weight kept at 1);
-    with `identity_net`, plus config.identity_weight x `identity_distance`."""
+    with `identity_net`, plus config.identity_weight x `identity_distance` on the face crops around `boxes`
+    [N, 4] (config.identity_crop 0: on the whole images, and `boxes` may be None)."""
     posterior = vae.encode(images).latent_dist
     recon = vae.decode(posterior.sample(generator)).sample
     weight = torch.ones_like(images[:, :1])
@@ -181,7 +203,11 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, config: VAETrainConfig, g
     }
     weights = {"l1": config.l1_weight, "l2": config.l2_weight, "edge": config.edge_weight, "kl": config.kl_weight}
     if identity_net is not None:
-        terms["identity"], weights["identity"] = identity_distance(identity_net, recon, images), config.identity_weight
+        if config.identity_crop and boxes is None:
+            raise ValueError("the identity term reads face crops (config.identity_crop): pass the face boxes")
+        crop = (lambda x: face_crops(x, boxes, config.identity_crop, config.identity_margin))
+        terms["identity"] = identity_distance(identity_net, crop(recon), crop(images))
+        weights["identity"] = config.identity_weight
     return sum(weights[k] * v for k, v in terms.items()), {k: v.item() for k, v in terms.items()}
 
 
@@ -204,13 +230,15 @@ def save_vae(vae: AutoencoderKL, folder: str | Path, dtype: str = "float32") -> 
     return folder
 
 
-def _training_images(config: VAETrainConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Training renders in [-1, 1] [N, 3, H, W], their face masks [N, H, W] (bool) and identities [N]."""
+def _training_images(config: VAETrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Training renders in [-1, 1] [N, 3, H, W], their face masks [N, H, W] (bool), face boxes [N, 4] and
+    identities [N]."""
     data = ToyPortraits(split_identities("train", config.num_train), config.images_per_identity, config.data_seed,
                         size=config.image_size)  # fmt: skip
     arrays = render_arrays(data)
     images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    return images, torch.from_numpy(arrays["masks"]), np.asarray(arrays["identities"])
+    boxes, identities = torch.from_numpy(arrays["boxes"]), np.asarray(arrays["identities"])
+    return images, torch.from_numpy(arrays["masks"]), boxes, identities
 
 
 def train_vae(config: VAETrainConfig, out_dir: str | Path, *, evaluate: bool = True,
@@ -219,9 +247,11 @@ def train_vae(config: VAETrainConfig, out_dir: str | Path, *, evaluate: bool = T
     torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
-    images, masks, identities = _training_images(config)
-    identity_net, figures = identity_network(config, images, identities) if config.identity_weight else (None, {})
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, masks), batch_size=config.batch_size,
+    images, masks, boxes, identities = _training_images(config)
+    identity_net, figures = (identity_network(config, images, boxes, identities) if config.identity_weight
+                             else (None, {}))  # fmt: skip
+    dataset = torch.utils.data.TensorDataset(images, masks, boxes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size,
                                          shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
     if len(loader) == 0:
@@ -238,11 +268,12 @@ def train_vae(config: VAETrainConfig, out_dir: str | Path, *, evaluate: bool = T
     with tqdm(total=config.steps, desc="toy VAE", mininterval=2) as bar:
         while step < config.steps:
             try:
-                batch, batch_masks = next(batches)
+                batch, batch_masks, batch_boxes = next(batches)
             except StopIteration:
                 batches = iter(loader)
                 continue
-            loss, terms = vae_loss(accelerator.unwrap_model(vae), batch, config, generator, batch_masks, identity_net)
+            loss, terms = vae_loss(accelerator.unwrap_model(vae), batch, config, generator, batch_masks, identity_net,
+                                   batch_boxes)  # fmt: skip
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(vae.parameters(), config.grad_clip)
             optimizer.step()
