@@ -18,7 +18,8 @@ from hyperlora.toy.clip_objectives import (AttributeHeads, HardBatches, caption_
 from hyperlora.toy.data import attributes_of
 from hyperlora.toy.render import LOOK_ATTRIBUTES, render_sample
 from hyperlora.toy.teacher import AttributeCNN
-from hyperlora.toy.vae import VAETrainConfig, evaluate_vae, identity_distance, psnr, train_vae
+from hyperlora.toy.vae import (VAETrainConfig, build_vae, evaluate_vae, face_crops, identity_distance, psnr, train_vae,
+                               vae_loss)
 
 PROMPTS = ["fcsks fxhks fhyks, a portrait of a person with curly red hair, wearing a teal hoodie", "a bald person!"]
 SMOKE_CLIP = CLIPTrainConfig.smoke(eval_every=2, val_identities=4, partial_captions=0.5, distill_weight=1.0)
@@ -181,6 +182,33 @@ def test_identity_distance_is_zero_on_the_original_and_trains_only_the_reconstru
     assert all(p.grad is None for p in net.parameters())
     flipped = identity_distance(net, images.flip(-1), images).item()  # a mirrored face moves the features too
     assert flipped > 0.01
+
+
+def test_face_crops_cut_the_face_box_and_pass_gradients():
+    image = torch.zeros(1, 1, 64, 64)
+    image[..., 20:40, 10:30] = 1.0  # a "face": rows 20-39, columns 10-29
+    box = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
+    crop = face_crops(image.requires_grad_(True), box, 16, margin=1.0)
+    assert crop.shape == (1, 1, 16, 16) and crop[..., 1:-1, 1:-1].min() > 0.99, "the box fills the crop"
+    crop.sum().backward()
+    assert image.grad[..., 20:40, 10:30].sum() > 0 and image.grad[..., :, 40:].abs().sum() == 0
+    wide = face_crops(image.detach(), box, 16, margin=2.0)  # twice the box: the face is the middle half
+    assert wide[..., 5:11, 5:11].min() > 0.99 and wide[..., :2, :].max() < 0.01
+    assert face_crops(image, box, 0) is image
+
+
+def test_vae_identity_term_reads_face_crops_and_needs_the_boxes():
+    config = VAETrainConfig.smoke()
+    vae = build_vae(config)
+    net = AttributeCNN(widths=(4, 8, 8), classes={"identity": 5}).eval().requires_grad_(False)
+    images = torch.from_numpy(_renders(2)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    boxes = torch.tensor([[16.0, 16.0, 48.0, 48.0]] * 2)
+    _, terms = vae_loss(vae, images, config, torch.Generator().manual_seed(0), identity_net=net, boxes=boxes)
+    assert terms["identity"] > 0
+    with pytest.raises(ValueError, match="face boxes"):
+        vae_loss(vae, images, config, identity_net=net)
+    whole = VAETrainConfig.smoke(identity_crop=0)
+    assert vae_loss(vae, images, whole, torch.Generator().manual_seed(0), identity_net=net)[1]["identity"] > 0
 
 
 def test_vae_evaluation_keys_and_face_hook(vae_dir):
