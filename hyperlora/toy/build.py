@@ -8,10 +8,10 @@ dependants, and the other steps still run. Everything is logged to `<out>/build.
 
 With `jobs=2` (the default) two steps run at once, each in its own process on one torch thread:
 CLIP and VAE first, then faces and the UNet side by side; that is how the build fits its 90-minute
-budget on 2 cores: 67 minutes measured with the 2,600-step VAE and no CLIP teacher. Today's build,
-with the CLIP's distillation teacher and the VAE's identity-trait CNN and loss, measured 92 minutes
-(CLIP 48, VAE 55, then faces 25 beside the UNet 37): over budget; the VAE -> UNet chain is the
-critical path.
+budget on 2 cores: 85 minutes measured (CLIP 47 with its distillation teacher beside the VAE 46 with
+its identity-trait CNN, then faces 26 beside the UNet 37, then the pipeline 1). The CLIP -> UNet chain
+is the critical path; the VAE left it when its identity term moved to face crops (it took 55 minutes
+on whole images, and the build 92).
 Each process logs to `<out>/logs/<step>.log`.
 
     <out>/clip/  faces/  vae/  unet/  sdxl/  build.log

@@ -3,9 +3,10 @@
 Trained from scratch on toy renders with an L1 + L2 reconstruction loss (face pixels, from the
 renders' masks, weighted `face_weight` times more), an L1 loss on image
 gradients (it rewards sharp edges), a small KL term and an identity-perceptual loss: no pretrained
-network (LPIPS's VGG/AlexNet) is available offline, so a small CNN is first trained on the same
-renders to read every identity trait (`identity_network`), and the VAE matches its features
-(`identity_distance`, LPIPS without learned weights). As in Stable Diffusion, `scaling_factor` in
+network (LPIPS's VGG/AlexNet) is available offline, so a small CNN is first trained on face crops of
+the same renders to read every identity trait (`identity_network`), and the VAE matches its features
+on the same crops of original and reconstruction (`face_crops`, `identity_distance`: LPIPS without
+learned weights). As in Stable Diffusion, `scaling_factor` in
 its config is 1 / std of the latents measured on training renders, so that scaled latents have
 unit variance for the toy UNet.
 
