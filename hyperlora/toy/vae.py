@@ -207,8 +207,8 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, config: VAETrainConfig, g
     if identity_net is not None:
         if config.identity_crop and boxes is None:
             raise ValueError("the identity term reads face crops (config.identity_crop): pass the face boxes")
-        crop = (lambda x: face_crops(x, boxes, config.identity_crop, config.identity_margin))
-        terms["identity"] = identity_distance(identity_net, crop(recon), crop(images))
+        recon_face, face = (face_crops(x, boxes, config.identity_crop, config.identity_margin) for x in (recon, images))
+        terms["identity"] = identity_distance(identity_net, recon_face, face)
         weights["identity"] = config.identity_weight
     return sum(weights[k] * v for k, v in terms.items()), {k: v.item() for k, v in terms.items()}
 
