@@ -15,7 +15,7 @@ from hyperlora.toy.cards import read_model_card, write_model_card
 from hyperlora.toy.clip import CLIPTrainConfig, attribute_prompts, evaluate_clip, pixel_values, train_clip
 from hyperlora.toy.clip_objectives import (AttributeHeads, HardBatches, caption_targets, multi_positive_loss,
                                            partial_caption)  # fmt: skip
-from hyperlora.toy.data import attributes_of
+from hyperlora.toy.data import attributes_of, to_tensor
 from hyperlora.toy.render import LOOK_ATTRIBUTES, render_sample
 from hyperlora.toy.teacher import AttributeCNN
 from hyperlora.toy.vae import (VAETrainConfig, build_vae, evaluate_vae, face_crops, identity_distance, psnr, train_vae,
@@ -201,7 +201,7 @@ def test_vae_identity_term_reads_face_crops_and_needs_the_boxes():
     config = VAETrainConfig.smoke()
     vae = build_vae(config)
     net = AttributeCNN(widths=(4, 8, 8), classes={"identity": 5}).eval().requires_grad_(False)
-    images = torch.from_numpy(_renders(2)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = to_tensor(_renders(2))
     boxes = torch.tensor([[16.0, 16.0, 48.0, 48.0]] * 2)
     _, terms = vae_loss(vae, images, config, torch.Generator().manual_seed(0), identity_net=net, boxes=boxes)
     assert terms["identity"] > 0

@@ -238,7 +238,7 @@ def _training_images(config: VAETrainConfig) -> tuple[torch.Tensor, torch.Tensor
     data = ToyPortraits(split_identities("train", config.num_train), config.images_per_identity, config.data_seed,
                         size=config.image_size)  # fmt: skip
     arrays = render_arrays(data)
-    images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    images = to_tensor(arrays["images"])
     boxes, identities = torch.from_numpy(arrays["boxes"]), np.asarray(arrays["identities"])
     return images, torch.from_numpy(arrays["masks"]), boxes, identities
 
