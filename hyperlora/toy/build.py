@@ -11,7 +11,8 @@ CLIP and VAE first, then faces and the UNet side by side; that is how the build 
 budget on 2 cores: 85 minutes measured (CLIP 47 with its distillation teacher beside the VAE 46 with
 its identity-trait CNN, then faces 26 beside the UNet 37, then the pipeline 1). The CLIP -> UNet chain
 is the critical path; the VAE left it when its identity term moved to face crops (it took 55 minutes
-on whole images, and the build 92).
+on whole images, and the build 92). The CLIP now trains on five times the renders in the same steps
+(48 minutes measured in a run of its own beside another): about 86 minutes estimated, not re-measured.
 Each process logs to `<out>/logs/<step>.log`.
 
     <out>/clip/  faces/  vae/  unet/  sdxl/  build.log

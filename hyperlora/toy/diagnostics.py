@@ -38,7 +38,7 @@ from .vae import reconstruct
 class CeilingConfig:
     """The supervised CNN of `attribute_ceiling` (defaults: ~13 min on one thread)."""
 
-    num_train: int = 2000  # training identities, as the toy CLIP
+    num_train: int = 2000  # training identities (the first of the toy CLIP's 5,000)
     images_per_identity: int = 4
     val_identities: int | None = None  # None: all 'val' identities
     val_per_identity: int = 2
