@@ -45,6 +45,19 @@ def test_default_unet_is_sdxl_layout_with_attention_at_every_crossattn_level():
     assert any(t.cross_attention_dim == 256 for t in targets), "cross-attention must read both encoders' states"
 
 
+def test_top_level_attention_adds_text_attention_at_level_0_and_runs():
+    config = UNetTrainConfig(**{**FAST, "top_level_attention": True})
+    unet = build_toy_unet(config, cross_attention_dim=16, pooled_dim=8, latent_channels=8)
+    assert unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    assert unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
+    levels = {t.name.split(".")[1] for t in find_targets(unet) if t.name.startswith("down_blocks")}
+    assert levels == {"0", "1", "2"}
+    sample = torch.randn(2, 8, 16, 16)
+    added = {"text_embeds": torch.randn(2, 8), "time_ids": torch.zeros(2, 6)}
+    out = unet(sample, 10, encoder_hidden_states=torch.randn(2, 5, 16), added_cond_kwargs=added).sample
+    assert out.shape == sample.shape and torch.isfinite(out).all()
+
+
 def test_smoke_training_writes_a_unet_that_reloads_with_its_config(unet_dir):
     assert (unet_dir / "diffusion_pytorch_model.safetensors").is_file()
     assert load_unet_train_config(unet_dir) == UNetTrainConfig.smoke(**FAST)

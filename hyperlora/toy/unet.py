@@ -52,6 +52,9 @@ class UNetTrainConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 128)  # channels per level; 3 levels as SDXL's (320, 640, 1280)
     layers_per_block: int = 2  # resnets (and transformers) per down level, as SDXL; up levels get one more
     transformer_layers_per_block: tuple[int, ...] = (1, 1, 1)  # per level; level 0 has no attention (SDXL: 1, 2, 10)
+    top_level_attention: bool = False  # True: cross-attention at level 0 too, unlike SDXL. SDXL's first attention
+    # level sees a face at 64 x 64 latents; here level 1 is 8 x 8, so the mouth and the glasses are one latent pixel
+    # where text reaches them (a diagnostic of the base model's gate: see the README)
     attention_heads: tuple[int, ...] = (2, 4, 8)  # heads per level, 16 wide (diffusers' name: attention_head_dim)
     addition_time_embed_dim: int = 32  # sinusoidal width per time id; 6 ids (SDXL: 256)
     # Data: a fixed rendered set of training identities, cached as VAE latents and text states.
@@ -102,12 +105,14 @@ def build_toy_unet(config: UNetTrainConfig, *, cross_attention_dim: int, pooled_
     groups = math.gcd(*config.block_out_channels)  # GroupNorm groups: SDXL's 32, or a divisor of every width
     while groups > 32:
         groups //= 2
+    top_down, top_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if config.top_level_attention else (
+        "DownBlock2D", "UpBlock2D")
     return UNet2DConditionModel(
         sample_size=config.image_size // 4,  # f = 4 toy VAE; the pipeline's default size is sample_size x 4
         in_channels=latent_channels,
         out_channels=latent_channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        down_block_types=(top_down,) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + (top_up,),
         block_out_channels=config.block_out_channels,
         layers_per_block=config.layers_per_block,
         attention_head_dim=config.attention_heads,
