@@ -105,8 +105,9 @@ def build_toy_unet(config: UNetTrainConfig, *, cross_attention_dim: int, pooled_
     groups = math.gcd(*config.block_out_channels)  # GroupNorm groups: SDXL's 32, or a divisor of every width
     while groups > 32:
         groups //= 2
-    top_down, top_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if config.top_level_attention else (
-        "DownBlock2D", "UpBlock2D")
+    top_down, top_up = (
+        ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if config.top_level_attention else ("DownBlock2D", "UpBlock2D")
+    )
     return UNet2DConditionModel(
         sample_size=config.image_size // 4,  # f = 4 toy VAE; the pipeline's default size is sample_size x 4
         in_channels=latent_channels,
