@@ -168,6 +168,8 @@ def test_evaluation_reports_unmeasured_figures_as_none(pipeline_dir):
     assert figures["face_rate"] == 1.0
     assert figures["identity_similarity"] is None and figures["not_measured"] == ["identity_similarity"]
     assert set(figures["per_attribute_accuracy"]) == {"background_colour"}
+    ceilings = figures["judge_accuracy_on_renders"], figures["judge_accuracy_through_vae"]  # renders, through the VAE
+    assert all(set(ceiling) == {"background_colour"} for ceiling in ceilings)
     assert set(figures["gates"]) == {"attribute_accuracy >= 0.85", "face_rate >= 0.95"}
     assert figures["passed"] == (figures["attribute_accuracy"] >= 0.85)
     unjudged = evaluate_base_model(pipe, num_prompts=1, per_prompt=1, steps=1)

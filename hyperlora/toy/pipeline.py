@@ -28,8 +28,10 @@ from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModel
 
 from ..tokenizer import clip_tokenizer, write_clip_tokenizer_files
 from .clip import declare_float32
+from .data import to_tensor, to_uint8
 from .identity import LOOK_ATTRIBUTES, Look, caption, identity_params, sample_look, visible_attributes
 from .render import render
+from .vae import reconstruct
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +285,11 @@ def evaluate_base_model(path_or_pipe, *, judge: Judge | None = None, detector: D
         renders = np.stack([render(k % 1000, look, images.shape[1]).image for k, look in enumerate(rep_looks)])
         figures["judge_accuracy_on_renders"], figures["judge_accuracy_on_renders_mean"] = judge_accuracy(
             judge, renders, rep_looks)
+        # ... and on the pipeline VAE's reconstructions of those renders: what survives its latents, the ceiling
+        # of a UNet that draws in them
+        through_vae = to_uint8(reconstruct(pipe.vae, to_tensor(renders).to(pipe.vae.dtype)))
+        figures["judge_accuracy_through_vae"], figures["judge_accuracy_through_vae_mean"] = judge_accuracy(
+            judge, through_vae, rep_looks)
     if detector is not None:
         figures["face_rate"] = float(np.mean([len(detector(image)) > 0 for image in images]))
     if embedder is not None:

@@ -27,7 +27,8 @@ MODELS = {
                "verification.tar_at_far")),
     "vae": ("VAE (AutoencoderKL, f = 4)", "config.json", ("psnr", "psnr_min", "identity_cosine")),
     "sdxl": ("base model (StableDiffusionXLPipeline)", "model_index.json",
-             ("attribute_accuracy", "judge_accuracy_on_renders_mean", "face_rate", "identity_similarity")),
+             ("attribute_accuracy", "judge_accuracy_on_renders_mean", "judge_accuracy_through_vae_mean", "face_rate",
+              "identity_similarity")),
 }  # fmt: skip
 BUILD_ONLY = {"clip": "clip", "faces": "faces", "vae": "vae", "sdxl": "unet"}  # `--only unet` also assembles sdxl/
 KEYPOINT_NAMES = ("left eye", "right eye", "nose tip", "left mouth", "right mouth")
