@@ -183,18 +183,23 @@ def plot_detections(renders: list[Render], detections: list):
 
 
 def plot_attribute_accuracy(accuracy: dict[str, float], *, chance: dict[str, float] | None = None,
-                            gate: float | None = None, title: str = ""):  # fmt: skip
-    """Per-attribute accuracy as bars, with chance level (1 / number of values) and the gate if given."""
+                            gate: float | None = None, ceiling: dict[str, float] | None = None,
+                            ceiling_label: str = "ceiling", title: str = ""):  # fmt: skip
+    """Per-attribute accuracy as bars, with chance level (1 / number of values), a ceiling per attribute (e.g. the
+    judge on the VAE's reconstructions of true renders) and the gate if given."""
     names = list(accuracy)
     fig, ax = plt.subplots(figsize=(1.0 * len(names) + 1.5, 3.2))
     ax.bar(names, [accuracy[n] for n in names], color="tab:blue")
     if chance:
         ax.scatter(names, [chance[n] for n in names], marker="_", s=300, color="k", label="chance", zorder=3)
+    if ceiling:
+        marks = [ceiling.get(n, float("nan")) for n in names]
+        ax.scatter(names, marks, marker="_", s=300, color="tab:green", label=ceiling_label, zorder=3)
     if gate is not None:
         ax.axhline(gate, color="tab:red", linestyle="--", label=f"gate (mean) {gate:g}")
     ax.set(ylim=(0, 1.05), ylabel="accuracy", title=title)
     ax.tick_params(axis="x", rotation=45, labelsize=7)
-    if chance or gate is not None:
+    if chance or ceiling or gate is not None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
