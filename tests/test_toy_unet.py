@@ -205,3 +205,13 @@ def test_parallel_build_runs_steps_side_by_side_and_fails_only_what_depends_on_a
     assert outcomes["unet"].startswith("FAILED") and "unet.log" in outcomes["unet"]
     assert "clip: build it first (--only clip)" in (tmp_path / "logs" / "unet.log").read_text()
     assert outcomes["sdxl"] == "FAILED: needs unet, which failed"
+
+
+def test_unet_benchmark_times_real_training_steps():
+    from eval.bench_unet import bench
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench(1, steps=1, warmup=0) > 0
+    finally:
+        torch.set_num_threads(threads)
