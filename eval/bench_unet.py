@@ -1,7 +1,8 @@
 """Toy UNet training throughput by torch thread count: `python eval/bench_unet.py [--threads 1 2] [--steps 40]`.
 
-One step is the default toy UNet's forward, backward and AdamW update on a batch of random latents and text
-states of the toy world's shapes (CLIP text towers, VAE latent channels), as in `train_unet`. Prints steps/s.
+One step is `train_unet`'s for the default toy UNet: `sample_batch`, `diffusion_loss`, backward, gradient
+clipping, AdamW and EMA, on a cache of random latents and text states of the toy world's shapes (CLIP text towers,
+VAE latent channels). Prints steps/s.
 Run it on an otherwise idle machine: a second job on 2 cores changes the figures.
 """
 
@@ -11,32 +12,48 @@ import argparse
 import time
 
 import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
 
 from hyperlora.toy.clip import CLIPTrainConfig
-from hyperlora.toy.unet import UNetTrainConfig, build_toy_unet
+from hyperlora.toy.pipeline import NOISE_SCHEDULE
+from hyperlora.toy.unet import TrainingCache, UNetTrainConfig, build_toy_unet, diffusion_loss, sample_batch
 from hyperlora.toy.vae import VAETrainConfig
+
+
+def random_cache(config: UNetTrainConfig) -> TrainingCache:
+    """One batch of random VAE latents and text states, shaped as the toy CLIP's text towers and VAE give them."""
+    clip_config, n = CLIPTrainConfig(), config.batch_size
+    channels, size = VAETrainConfig().latent_channels, config.image_size // 4
+    width, pooled = 2 * clip_config.text_hidden, clip_config.projection_dim  # both encoders' states, as in SDXL
+    return TrainingCache(
+        latent_mean=torch.randn(n, channels, size, size), latent_std=torch.ones(n, channels, size, size),
+        prompt_embeds=torch.randn(n, 77, width), pooled=torch.randn(n, pooled),
+        empty_embeds=torch.zeros(1, 77, width), empty_pooled=torch.zeros(1, pooled), scaling_factor=1.0,
+    )  # fmt: skip
 
 
 def bench(threads: int, steps: int, warmup: int = 5, seed: int = 0) -> float:
     """Training steps per second of the default toy UNet on `threads` torch threads."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    unet_config, clip_config = UNetTrainConfig(), CLIPTrainConfig()
-    channels, size = VAETrainConfig().latent_channels, unet_config.image_size // 4
-    width = 2 * clip_config.text_hidden  # both text encoders' states, concatenated as in SDXL
-    unet = build_toy_unet(unet_config, cross_attention_dim=width, pooled_dim=clip_config.projection_dim,
-                          latent_channels=channels)  # fmt: skip
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=unet_config.lr)
-    batch = unet_config.batch_size
-    latents, text = torch.randn(batch, channels, size, size), torch.randn(batch, 77, width)
-    added = {"text_embeds": torch.randn(batch, clip_config.projection_dim), "time_ids": torch.zeros(batch, 6)}
+    config = UNetTrainConfig()
+    cache = random_cache(config)
+    unet = build_toy_unet(config, cross_attention_dim=cache.prompt_embeds.shape[-1],
+                          pooled_dim=cache.pooled.shape[-1], latent_channels=cache.latent_mean.shape[1])  # fmt: skip
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type=config.prediction_type)
+    generator = torch.Generator().manual_seed(seed)
 
-    def step():
-        timesteps = torch.randint(0, 1000, (batch,))
-        out = unet(latents, timesteps, encoder_hidden_states=text, added_cond_kwargs=added).sample
-        out.pow(2).mean().backward()
+    def step():  # train_unet's step, without accelerate's wrapping
+        loss = diffusion_loss(unet, noise_scheduler, sample_batch(cache, config, generator), generator,
+                              config.snr_gamma)  # fmt: skip
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
 
     for _ in range(warmup):
         step()
