@@ -1,6 +1,11 @@
 """The toy base model: UNet trainer, pipeline folder, quality-gate plumbing and the build's step handling."""
 
 import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -205,6 +210,43 @@ def test_parallel_build_runs_steps_side_by_side_and_fails_only_what_depends_on_a
     assert outcomes["unet"].startswith("FAILED") and "unet.log" in outcomes["unet"]
     assert "clip: build it first (--only clip)" in (tmp_path / "logs" / "unet.log").read_text()
     assert outcomes["sdxl"] == "FAILED: needs unet, which failed"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="thread sharing needs POSIX signals")
+def test_parallel_build_gives_an_idle_core_to_the_step_left_running(tmp_path):
+    from hyperlora.toy.build import _share_threads
+
+    # A step process as the build starts one: it listens for its share, then trains on one thread.
+    child = textwrap.dedent(f"""
+        import sys, time, torch
+        from hyperlora.toy.build import listen_for_thread_share
+        from hyperlora.toy.cards import write_model_card
+        listen_for_thread_share({str(tmp_path / "unet.threads")!r})
+        torch.set_num_threads(1)
+        print("ready", flush=True)
+        deadline = time.time() + 60
+        while torch.get_num_threads() != 2 and time.time() < deadline:
+            time.sleep(0.05)
+        write_model_card({str(tmp_path)!r}, name="unet", summary="", config={{}}, train_seconds=1, figures={{}})
+        sys.exit(0 if torch.get_num_threads() == 2 else 1)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        long_ago, now = time.time() - 3600, time.time()
+        told = {"unet": 1, "faces": 1}
+        _share_threads({"unet": (process, None, long_ago), "faces": (process, None, long_ago)}, told, 2, tmp_path)
+        assert told == {"unet": 1, "faces": 1}  # two steps on two cores: one thread each, nobody is signalled
+        _share_threads({"unet": (process, None, now)}, told, 2, tmp_path)
+        assert told["unet"] == 1  # just started: it may not be listening yet, so it is told on a later pass
+        _share_threads({"unet": (process, None, long_ago)}, told, 2, tmp_path)  # faces done: unet gets both cores
+        assert told["unet"] == 2 and (tmp_path / "unet.threads").read_text() == "2"
+        assert process.wait(timeout=60) == 0
+        switch = read_model_card(tmp_path)["environment"]["thread_changes"]
+        assert [(c["from"], c["to"]) for c in switch] == [(1, 2)]  # the card says how the step was trained
+        assert "1 torch thread(s), 2 from" in (tmp_path / "README.md").read_text()
+    finally:
+        process.kill()
 
 
 def test_unet_benchmark_times_real_training_steps():

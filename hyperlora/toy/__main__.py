@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .build import SELECTABLE, build, info
+from .build import SELECTABLE, build, info, listen_for_thread_share
 from .pipeline import DEFAULT_TOY_DIR
 
 
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--jobs", type=int, default=2, help="steps run at once, one process and torch thread each "
                          "(default 2: the 90-minute budget on 2 cores assumes it)")
     p_build.add_argument("--step", choices=SELECTABLE, help=argparse.SUPPRESS)  # one step exactly (parallel builds)
+    p_build.add_argument("--threads-file", help=argparse.SUPPRESS)  # where a parallel build writes this step's threads
     p_info = commands.add_parser("info", help="what is present under the toy folder, with sizes")
     p_info.add_argument("--out", default=str(DEFAULT_TOY_DIR))
     p_diag = commands.add_parser("diagnose", help="where a gate is lost (hyperlora.toy.diagnostics); prints JSON")
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.step:
+        if args.threads_file:
+            listen_for_thread_share(args.threads_file)
         outcomes = build(args.out, smoke=args.smoke, only=[args.step], standins=args.standins, exact=True)
     else:
         outcomes = build(args.out, smoke=args.smoke, only=args.only, standins=args.standins, jobs=args.jobs)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +65,30 @@ PIPELINE_FOLDER = "sdxl"  # the assembled StableDiffusionXLPipeline, after every
 ALIASES = {"unet": ("unet", "sdxl")}  # --only unet also re-assembles the pipeline that wraps it
 SELECTABLE = ("clip", "faces", "vae", "unet", "sdxl")
 STANDIN_OK = ("clip", "vae")  # needs that `standins=True` may replace with random stand-ins
+
+
+# POSIX only: where there is no SIGUSR1 (Windows) a parallel build's steps keep one thread each.
+THREADS_SIGNAL = getattr(signal, "SIGUSR1", None)
+SIGNAL_AFTER_S = 20.0  # a step's process is told of a new thread share only once it has had time to listen for it
+
+
+def listen_for_thread_share(threads_file: str | Path) -> None:
+    """In a parallel build's step process: on THREADS_SIGNAL, set torch's thread count to the number in
+    `threads_file`. The build raises it when a core falls idle (the UNet, once the faces step is done)."""
+    if THREADS_SIGNAL is None:
+        return
+
+    def follow(signum, frame):
+        import torch
+
+        from .cards import THREAD_CHANGES
+
+        threads, before = int(Path(threads_file).read_text()), torch.get_num_threads()
+        torch.set_num_threads(threads)
+        THREAD_CHANGES.append({"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from": before, "to": threads})
+        logger.info("torch threads set to %d: the build's cores are now shared among fewer steps", threads)
+
+    signal.signal(THREADS_SIGNAL, follow)
 
 
 class StepUnavailable(RuntimeError):
@@ -224,10 +250,13 @@ def build(out: str | Path = DEFAULT_TOY_DIR, *, smoke: bool = False, only: list[
 
 def _build_parallel(out: Path, names: list[str], *, smoke: bool, standins: bool, jobs: int) -> dict[str, str]:
     """Run `names` as `python -m hyperlora.toy build --step NAME` processes, at most `jobs` at once, each
-    started once the selected steps it waits for (WAITS_FOR) are done; a failure fails its dependants."""
+    started once the selected steps it waits for (WAITS_FOR) are done; a failure fails its dependants.
+    Each process starts on one torch thread; when fewer steps than `jobs` are running and none can start,
+    the running ones share the idle cores (`jobs // running` threads each, back to 1 when another starts)."""
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     pending, running, outcomes = list(names), {}, {}
+    told: dict[str, int] = {}  # threads each running process was last told to use
     while pending or running:
         for name in list(pending):
             waits = [d for d in WAITS_FOR[name] if d in names]
@@ -236,10 +265,12 @@ def _build_parallel(out: Path, names: list[str], *, smoke: bool, standins: bool,
                 outcomes[name] = f"FAILED: needs {', '.join(failed)}, which failed"
                 pending.remove(name)
             elif len(running) < jobs and all(d in outcomes for d in waits):
-                command = [sys.executable, "-m", "hyperlora.toy", "build", "--out", str(out), "--step", name]
+                command = [sys.executable, "-m", "hyperlora.toy", "build", "--out", str(out), "--step", name,
+                           "--threads-file", str(logs / f"{name}.threads")]  # fmt: skip
                 command += ["--smoke"] * smoke + ["--standins"] * standins
                 log = open(logs / f"{name}.log", "w")
                 running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+                told[name] = 1
                 pending.remove(name)
                 print(f"step {name}: started (log: {logs / f'{name}.log'})", flush=True)
         time.sleep(0.5)
@@ -252,7 +283,25 @@ def _build_parallel(out: Path, names: list[str], *, smoke: bool, standins: bool,
             outcomes[name] = (f"done in {seconds:.0f} s" if process.returncode == 0
                               else f"FAILED (exit {process.returncode} after {seconds:.0f} s): see {logs / name}.log")
             print(f"step {name}: {outcomes[name]}", flush=True)
+        _share_threads(running, told, jobs, logs)
     return {name: outcomes[name] for name in names}
+
+
+def _share_threads(running: dict, told: dict[str, int], jobs: int, logs: Path) -> None:
+    """Tell each running step process its share of `jobs` threads when the share has changed, through its
+    threads file and THREADS_SIGNAL; a process younger than SIGNAL_AFTER_S is told on a later pass."""
+    if THREADS_SIGNAL is None or not running:
+        return
+    share = max(1, jobs // len(running))
+    for name, (process, _, start) in running.items():
+        if told[name] != share and time.time() - start >= SIGNAL_AFTER_S:
+            (logs / f"{name}.threads").write_text(str(share))
+            try:
+                os.kill(process.pid, THREADS_SIGNAL)
+            except ProcessLookupError:  # it ended since the last poll: the next pass reaps it
+                pass
+            told[name] = share
+            print(f"step {name}: now on {share} torch thread(s)", flush=True)
 
 
 def folder_size(path: Path) -> int:

@@ -22,6 +22,10 @@ CARD_JSON = "model_card.json"
 CARD_README = "README.md"
 
 
+# Torch thread counts this process was switched between while it ran ({"utc", "from", "to"}), as a parallel build shares
+# an idle core (hyperlora.toy.build.listen_for_thread_share); recorded in the cards it writes.
+THREAD_CHANGES: list[dict] = []
+
 def git_commit(repo: str | Path | None = None) -> str | None:
     """`git rev-parse HEAD` of the repository holding this package (None outside a git checkout)."""
     repo = Path(repo) if repo is not None else Path(__file__).resolve().parent
@@ -113,13 +117,22 @@ def write_model_card(
         "weights_mb": round(folder_megabytes(folder), 3),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads()},  # fmt: skip
+                        "threads": torch.get_num_threads(),
+                        **({"thread_changes": list(THREAD_CHANGES)} if THREAD_CHANGES else {})},  # fmt: skip
         **(extra or {}),
     }
     path = folder / CARD_JSON
     path.write_text(json.dumps(card, indent=2) + "\n")
     (folder / CARD_README).write_text(_readme(card))
     return path
+
+
+def _threads_text(environment: dict) -> str:
+    changes = environment.get("thread_changes", [])
+    if not changes:
+        return f"{environment['threads']} torch thread(s)"
+    steps = ", ".join(f"{c['to']} from {c['utc']}" for c in changes)
+    return f"{changes[0]['from']} torch thread(s), {steps} (a core the parallel build freed)"
 
 
 def _readme(card: dict) -> str:
@@ -130,8 +143,8 @@ def _readme(card: dict) -> str:
         "",
         card["summary"],
         "",
-        f"- trained in {card['train_seconds']:.0f} s with {card['environment']['threads']} torch thread(s) "
-        f"(torch {card['environment']['torch']}), {card['created_utc']}",
+        f"- trained in {card['train_seconds']:.0f} s with {_threads_text(card['environment'])}"
+        + f" (torch {card['environment']['torch']}), {card['created_utc']}",
         f"- git commit: {card['git_commit'] or 'unknown'}" + (" plus uncommitted changes" if card["git_dirty"] else ""),
         f"- weights: {card['weights_mb']:.1f} MB",
         f"- quality gates: {verdict}",
