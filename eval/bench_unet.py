@@ -1,8 +1,9 @@
-"""Toy UNet training throughput by torch thread count: `python eval/bench_unet.py [--threads 1 2] [--steps 40]`.
+"""Toy UNet training throughput by torch thread count and batch size:
+`python eval/bench_unet.py [--threads 1 2] [--batch 16 32] [--steps 40]`.
 
 One step is `train_unet`'s for the default toy UNet: `sample_batch`, `diffusion_loss`, backward, gradient
 clipping, AdamW and EMA, on a cache of random latents and text states of the toy world's shapes (CLIP text towers,
-VAE latent channels). Prints steps/s.
+VAE latent channels). Prints steps/s and images/s.
 Run it on an otherwise idle machine: a second job on 2 cores changes the figures.
 """
 
@@ -33,11 +34,11 @@ def random_cache(config: UNetTrainConfig) -> TrainingCache:
     )  # fmt: skip
 
 
-def bench(threads: int, steps: int, warmup: int = 5, seed: int = 0) -> float:
+def bench(threads: int, steps: int, warmup: int = 5, seed: int = 0, batch_size: int | None = None) -> float:
     """Training steps per second of the default toy UNet on `threads` torch threads."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    config = UNetTrainConfig()
+    config = UNetTrainConfig() if batch_size is None else UNetTrainConfig(batch_size=batch_size)
     cache = random_cache(config)
     unet = build_toy_unet(config, cross_attention_dim=cache.prompt_embeds.shape[-1],
                           pooled_dim=cache.pooled.shape[-1], latent_channels=cache.latent_mean.shape[1])  # fmt: skip
@@ -66,10 +67,14 @@ def bench(threads: int, steps: int, warmup: int = 5, seed: int = 0) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, nargs="+", default=[UNetTrainConfig().batch_size],
+                        help="batch sizes (default: the trainer's)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per thread count")
     args = parser.parse_args()
     for threads in args.threads:
-        print(f"{threads} thread(s): {bench(threads, args.steps):5.2f} steps/s")
+        for batch in args.batch:
+            rate = bench(threads, args.steps, batch_size=batch)
+            print(f"{threads} thread(s), batch {batch:3d}: {rate:5.2f} steps/s, {rate * batch:6.1f} images/s")
 
 
 if __name__ == "__main__":
