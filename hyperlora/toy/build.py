@@ -7,12 +7,12 @@ trainers are imported only when their step runs, so a broken trainer fails its o
 dependants, and the other steps still run. Everything is logged to `<out>/build.log`.
 
 With `jobs=2` (the default) two steps run at once, each in its own process on one torch thread:
-CLIP and VAE first, then faces and the UNet side by side; that is how the build fits its 90-minute
-budget on 2 cores: 85 minutes measured (CLIP 47 with its distillation teacher beside the VAE 46 with
-its identity-trait CNN, then faces 26 beside the UNet 37, then the pipeline 1). The CLIP -> UNet chain
-is the critical path; the VAE left it when its identity term moved to face crops (it took 55 minutes
-on whole images, and the build 92). The CLIP now trains on five times the renders in the same steps
-(48 minutes measured in a run of its own beside another): about 86 minutes estimated, not re-measured.
+CLIP and VAE first, then faces and the UNet side by side. When a step ends and no other can start, the
+steps still running share its core (`listen_for_thread_share`: the UNet goes to two threads once the faces
+step is done). That is how the build fits its 90-minute budget on 2 cores: 89 minutes measured (CLIP 51.5
+with its distillation teacher beside the VAE 45.6 with its identity-trait CNN, then faces 25.7 beside the
+UNet 36.4, then the pipeline 1). The CLIP -> UNet chain is the critical path; the VAE left it when its
+identity term moved to face crops (it took 55 minutes on whole images).
 Each process logs to `<out>/logs/<step>.log`.
 
     <out>/clip/  faces/  vae/  unet/  sdxl/  build.log
@@ -84,9 +84,11 @@ def listen_for_thread_share(threads_file: str | Path) -> None:
         from .cards import THREAD_CHANGES
 
         threads, before = int(Path(threads_file).read_text()), torch.get_num_threads()
+        if threads == before:  # e.g. a step that never set one thread (the pipeline's evaluation) told to use 2
+            return
         torch.set_num_threads(threads)
         THREAD_CHANGES.append({"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from": before, "to": threads})
-        logger.info("torch threads set to %d: the build's cores are now shared among fewer steps", threads)
+        logger.info("torch threads set from %d to %d: this step's share of the build's cores", before, threads)
 
     signal.signal(THREADS_SIGNAL, follow)
 
@@ -273,6 +275,9 @@ def _build_parallel(out: Path, names: list[str], *, smoke: bool, standins: bool,
                 told[name] = 1
                 pending.remove(name)
                 print(f"step {name}: started (log: {logs / f'{name}.log'})", flush=True)
+        # Shared out after the starts, not after the reaping below: a step that can start takes the freed core
+        # (sharing it first gave the CLIP two threads for half a second when the VAE ended)
+        _share_threads(running, told, jobs, logs)
         time.sleep(0.5)
         for name, (process, log, start) in list(running.items()):
             if process.poll() is None:
@@ -283,7 +288,6 @@ def _build_parallel(out: Path, names: list[str], *, smoke: bool, standins: bool,
             outcomes[name] = (f"done in {seconds:.0f} s" if process.returncode == 0
                               else f"FAILED (exit {process.returncode} after {seconds:.0f} s): see {logs / name}.log")
             print(f"step {name}: {outcomes[name]}", flush=True)
-        _share_threads(running, told, jobs, logs)
     return {name: outcomes[name] for name in names}
 
 

@@ -64,8 +64,9 @@ class UNetTrainConfig:
     image_size: int = 64  # render size; latents are image_size / 4
     # Optimisation.
     steps: int = 9000  # optimiser steps. At batch 32, 4,500 steps (34 min on one thread) read 0.809 on the base
-    # model's gate and 9,000 read 0.858 but cost 77 min; a batch-16 step is 1.67x cheaper (3.72 against 2.23
-    # steps/s on one idle thread), so 9,000 of them fit the 90-minute build with the core the faces step frees
+    # model's gate and 9,000 read 0.858 but cost 77 min; a batch-16 step is 1.6-1.7x cheaper (3.5-3.7 against
+    # 2.2 steps/s on one idle thread, eval/bench_unet.py), so 9,000 of them fit the 90-minute build with the core
+    # the faces step frees: 36 min in the build, 0.853 on the gate (README)
     batch_size: int = 16
     lr: float = 6e-4  # AdamW peak learning rate (small UNets take larger rates than SDXL's 1e-5)
     warmup_steps: int = 200  # linear warmup, then cosine decay to 0
