@@ -87,7 +87,8 @@ def listen_for_thread_share(threads_file: str | Path) -> None:
         if threads == before:  # e.g. a step that never set one thread (the pipeline's evaluation) told to use 2
             return
         torch.set_num_threads(threads)
-        THREAD_CHANGES.append({"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from": before, "to": threads})
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        THREAD_CHANGES.append({"utc": now, "from": before, "to": threads})
         logger.info("torch threads set from %d to %d: this step's share of the build's cores", before, threads)
 
     signal.signal(THREADS_SIGNAL, follow)
