@@ -221,8 +221,8 @@ def test_parallel_build_gives_an_idle_core_to_the_step_left_running(tmp_path):
         import sys, time, torch
         from hyperlora.toy.build import listen_for_thread_share
         from hyperlora.toy.cards import write_model_card
-        listen_for_thread_share({str(tmp_path / "unet.threads")!r})
         torch.set_num_threads(1)
+        listen_for_thread_share({str(tmp_path / "unet.threads")!r})
         print("ready", flush=True)
         deadline = time.time() + 60
         while torch.get_num_threads() != 2 and time.time() < deadline:
@@ -233,13 +233,15 @@ def test_parallel_build_gives_an_idle_core_to_the_step_left_running(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline().strip() == "ready"
-        long_ago, now = time.time() - 3600, time.time()
-        told = {"unet": 1, "faces": 1}
-        _share_threads({"unet": (process, None, long_ago), "faces": (process, None, long_ago)}, told, 2, tmp_path)
+        assert (tmp_path / "unet.threads").read_text() == "1"  # listening, and says so
+        told, old = {"unet": 1, "faces": 1}, 0.0  # started at the epoch: long enough ago to be told
+        _share_threads({"unet": (process, None, old), "faces": (process, None, old)}, told, 2, tmp_path)
         assert told == {"unet": 1, "faces": 1}  # two steps on two cores: one thread each, nobody is signalled
-        _share_threads({"unet": (process, None, now)}, told, 2, tmp_path)
-        assert told["unet"] == 1  # just started: it may not be listening yet, so it is told on a later pass
-        _share_threads({"unet": (process, None, long_ago)}, told, 2, tmp_path)  # faces done: unet gets both cores
+        _share_threads({"faces": (process, None, old)}, told, 2, tmp_path)
+        assert told["faces"] == 1  # no faces.threads: not listening yet (the signal would kill it), told later
+        _share_threads({"unet": (process, None, time.time())}, told, 2, tmp_path)
+        assert told["unet"] == 1  # just started: its trainer has yet to set its own threads, told later
+        _share_threads({"unet": (process, None, old)}, told, 2, tmp_path)  # faces done: unet gets both cores
         assert told["unet"] == 2 and (tmp_path / "unet.threads").read_text() == "2"
         assert process.wait(timeout=60) == 0
         switch = read_model_card(tmp_path)["environment"]["thread_changes"]

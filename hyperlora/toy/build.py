@@ -69,12 +69,13 @@ STANDIN_OK = ("clip", "vae")  # needs that `standins=True` may replace with rand
 
 # POSIX only: where there is no SIGUSR1 (Windows) a parallel build's steps keep one thread each.
 THREADS_SIGNAL = getattr(signal, "SIGUSR1", None)
-SIGNAL_AFTER_S = 20.0  # a step's process is told of a new thread share only once it has had time to listen for it
+SHARE_AFTER_S = 60.0  # a step's share changes only once it is this old: its trainer sets its own threads first
 
 
 def listen_for_thread_share(threads_file: str | Path) -> None:
     """In a parallel build's step process: on THREADS_SIGNAL, set torch's thread count to the number in
-    `threads_file`. The build raises it when a core falls idle (the UNet, once the faces step is done)."""
+    `threads_file`. The build raises it when a core falls idle (the UNet, once the faces step is done).
+    Writing the file first tells the build that this process listens: before that, the signal would kill it."""
     if THREADS_SIGNAL is None:
         return
 
@@ -92,6 +93,9 @@ def listen_for_thread_share(threads_file: str | Path) -> None:
         logger.info("torch threads set from %d to %d: this step's share of the build's cores", before, threads)
 
     signal.signal(THREADS_SIGNAL, follow)
+    import torch
+
+    Path(threads_file).write_text(str(torch.get_num_threads()))
 
 
 class StepUnavailable(RuntimeError):
@@ -271,6 +275,7 @@ def _build_parallel(out: Path, names: list[str], *, smoke: bool, standins: bool,
                 command = [sys.executable, "-m", "hyperlora.toy", "build", "--out", str(out), "--step", name,
                            "--threads-file", str(logs / f"{name}.threads")]  # fmt: skip
                 command += ["--smoke"] * smoke + ["--standins"] * standins
+                (logs / f"{name}.threads").unlink(missing_ok=True)  # from an earlier build: it is not listening yet
                 log = open(logs / f"{name}.log", "w")
                 running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, time.time())
                 told[name] = 1
@@ -294,13 +299,16 @@ def _build_parallel(out: Path, names: list[str], *, smoke: bool, standins: bool,
 
 def _share_threads(running: dict, told: dict[str, int], jobs: int, logs: Path) -> None:
     """Tell each running step process its share of `jobs` threads when the share has changed, through its
-    threads file and THREADS_SIGNAL; a process younger than SIGNAL_AFTER_S is told on a later pass."""
+    threads file and THREADS_SIGNAL. A process is told on a later pass while it is younger than SHARE_AFTER_S
+    (its trainer's own torch.set_num_threads would undo the share) or has not written that file (it is not
+    listening yet, and the signal would kill it)."""
     if THREADS_SIGNAL is None or not running:
         return
     share = max(1, jobs // len(running))
     for name, (process, _, start) in running.items():
-        if told[name] != share and time.time() - start >= SIGNAL_AFTER_S:
-            (logs / f"{name}.threads").write_text(str(share))
+        threads_file = logs / f"{name}.threads"
+        if told[name] != share and threads_file.is_file() and time.time() - start >= SHARE_AFTER_S:
+            threads_file.write_text(str(share))
             try:
                 os.kill(process.pid, THREADS_SIGNAL)
             except ProcessLookupError:  # it ended since the last poll: the next pass reaps it
