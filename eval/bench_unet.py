@@ -1,9 +1,9 @@
 """Toy UNet training throughput by torch thread count and batch size:
 `python eval/bench_unet.py [--threads 1 2] [--batch 16 32] [--steps 40]`.
 
-One step is `train_unet`'s for the default toy UNet: `sample_batch`, `diffusion_loss`, backward, gradient
-clipping, AdamW and EMA, on a cache of random latents and text states of the toy world's shapes (CLIP text towers,
-VAE latent channels). Prints steps/s and images/s.
+One step is `train_unet`'s own (`hyperlora.toy.unet.train_step`: batch, diffusion loss, backward, gradient
+clipping, AdamW, learning-rate schedule, EMA) for the default toy UNet, on a cache of random latents and text
+states of the toy world's shapes (CLIP text towers, VAE latent channels). Prints steps/s and images/s.
 Run it on an otherwise idle machine: a second job on 2 cores changes the figures.
 """
 
@@ -13,12 +13,10 @@ import argparse
 import time
 
 import torch
-from diffusers import DDPMScheduler
-from diffusers.training_utils import EMAModel
+from accelerate import Accelerator
 
 from hyperlora.toy.clip import CLIPTrainConfig
-from hyperlora.toy.pipeline import NOISE_SCHEDULE
-from hyperlora.toy.unet import TrainingCache, UNetTrainConfig, build_toy_unet, diffusion_loss, sample_batch
+from hyperlora.toy.unet import TrainingCache, UNetTrainConfig, build_toy_unet, train_step, training_state
 from hyperlora.toy.vae import VAETrainConfig
 
 
@@ -38,29 +36,17 @@ def bench(threads: int, steps: int, warmup: int = 5, seed: int = 0, batch_size: 
     """Training steps per second of the default toy UNet on `threads` torch threads."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    config = UNetTrainConfig() if batch_size is None else UNetTrainConfig(batch_size=batch_size)
+    config = UNetTrainConfig(seed=seed, **({} if batch_size is None else {"batch_size": batch_size}))
     cache = random_cache(config)
     unet = build_toy_unet(config, cross_attention_dim=cache.prompt_embeds.shape[-1],
                           pooled_dim=cache.pooled.shape[-1], latent_channels=cache.latent_mean.shape[1])  # fmt: skip
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
-    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type=config.prediction_type)
-    generator = torch.Generator().manual_seed(seed)
-
-    def step():  # train_unet's step, without accelerate's wrapping
-        loss = diffusion_loss(unet, noise_scheduler, sample_batch(cache, config, generator), generator,
-                              config.snr_gamma)  # fmt: skip
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
-
+    unet, state = training_state(unet, config, Accelerator(mixed_precision=config.mixed_precision))
+    unet.train()
     for _ in range(warmup):
-        step()
+        train_step(unet, cache, state, config)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(unet, cache, state, config)
     return steps / (time.perf_counter() - start)
 
 

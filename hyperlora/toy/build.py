@@ -78,12 +78,11 @@ def listen_for_thread_share(threads_file: str | Path) -> None:
     Writing the file first tells the build that this process listens: before that, the signal would kill it."""
     if THREADS_SIGNAL is None:
         return
+    import torch
+
+    from .cards import THREAD_CHANGES
 
     def follow(signum, frame):
-        import torch
-
-        from .cards import THREAD_CHANGES
-
         threads, before = int(Path(threads_file).read_text()), torch.get_num_threads()
         if threads == before:  # e.g. a step that never set one thread (the pipeline's evaluation) told to use 2
             return
@@ -93,8 +92,6 @@ def listen_for_thread_share(threads_file: str | Path) -> None:
         logger.info("torch threads set from %d to %d: this step's share of the build's cores", before, threads)
 
     signal.signal(THREADS_SIGNAL, follow)
-    import torch
-
     Path(threads_file).write_text(str(torch.get_num_threads()))
 
 

@@ -214,6 +214,46 @@ def diffusion_loss(unet, noise_scheduler: DDPMScheduler, batch: dict, generator:
     return (per_sample * weights).mean()
 
 
+@dataclass
+class TrainState:
+    """What a UNet training step uses and updates besides the weights."""
+
+    accelerator: Accelerator
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel | None
+    noise_scheduler: DDPMScheduler
+    generator: torch.Generator  # batches, noise, timesteps, caption dropout
+
+
+def training_state(unet: UNet2DConditionModel, config: UNetTrainConfig, accelerator: Accelerator):
+    """AdamW with warmup + cosine decay, EMA and the noise schedule for `unet`; returns (prepared unet, state)."""
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+    unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
+    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type=config.prediction_type)
+    generator = torch.Generator().manual_seed(config.seed)
+    return unet, TrainState(accelerator, optimizer, schedule, ema, noise_scheduler, generator)
+
+
+def train_step(unet, cache: TrainingCache, state: TrainState, config: UNetTrainConfig) -> torch.Tensor:
+    """One optimiser step of `train_unet` (also what eval/bench_unet.py times): a batch, the diffusion loss,
+    backward, gradient clipping, AdamW, the learning-rate schedule and EMA. Returns the loss."""
+    accelerator = state.accelerator
+    batch = {k: v.to(accelerator.device) for k, v in sample_batch(cache, config, state.generator).items()}
+    with accelerator.accumulate(unet):
+        loss = diffusion_loss(unet, state.noise_scheduler, batch, state.generator, config.snr_gamma)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
+        state.optimizer.step()
+        state.schedule.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.step(unet.parameters())
+    return loss
+
+
 def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae_path=None, *,
                progress: bool = True) -> Path:  # fmt: skip
     """Train the toy UNet against the frozen toy CLIP and VAE (random stand-ins where None); returns out_dir.
@@ -233,27 +273,13 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae
     n_params = sum(p.numel() for p in unet.parameters())
     logger.info("UNet: %.2f M parameters, %d images, %d steps at batch %d", n_params / 1e6, len(cache), config.steps,
                 config.batch_size)  # fmt: skip
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
-    unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
-    ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
-    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type=config.prediction_type)
-    generator = torch.Generator().manual_seed(config.seed)
+    unet, state = training_state(unet, config, accelerator)
     curve, window, start = [], [], time.perf_counter()
     unet.train()
     quiet = not progress or not accelerator.is_main_process
     bar = tqdm(range(1, config.steps + 1), desc="training UNet", disable=quiet)
     for step in bar:
-        batch = {k: v.to(accelerator.device) for k, v in sample_batch(cache, config, generator).items()}
-        with accelerator.accumulate(unet):
-            loss = diffusion_loss(unet, noise_scheduler, batch, generator, config.snr_gamma)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(unet.parameters())
+        loss = train_step(unet, cache, state, config)
         window.append(loss.item())
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - start
@@ -263,8 +289,8 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae
             window = []
     seconds = time.perf_counter() - start
     unet = accelerator.unwrap_model(unet)
-    if ema is not None:
-        ema.copy_to(unet.parameters())
+    if state.ema is not None:
+        state.ema.copy_to(unet.parameters())
     unet.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / LOSSES_FILE).write_text(json.dumps(curve) + "\n")
     figures = {"parameters": n_params, "attention_modules": len(find_targets(unet)), "images": len(cache),
