@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from transformers.utils import logging as transformers_logging
 
 from .faces import ModelFilesMissingError
 
@@ -37,7 +38,16 @@ class ClipImageEncoder:
             )
         self.path = path
         self.processor = CLIPImageProcessor.from_pretrained(path)
-        self.model = CLIPVisionModelWithProjection.from_pretrained(path, use_safetensors=True, dtype=dtype)
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # a full CLIPModel folder's text-tower keys are expected extras
+        try:
+            self.model, info = CLIPVisionModelWithProjection.from_pretrained(
+                path, use_safetensors=True, dtype=dtype, output_loading_info=True
+            )
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        if info.get("missing_keys"):
+            raise ModelFilesMissingError(f"CLIP image encoder at {path}: weights missing for {sorted(info['missing_keys'])[:5]} ...")
         self.model.to(device).eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
 

@@ -1,0 +1,167 @@
+"""Training configuration: one dataclass for the run, one per stage, JSON presets that hold only what differs.
+
+A preset file (`hyperlora/train/presets/<name>.json`) has three optional sections:
+    {"model": {HyperLoRAConfig fields}, "run": {TrainConfig fields}, "stages": {"1": {StageConfig fields}, ...}}
+Everything not named there keeps the dataclass default below; unknown keys raise. The resolved
+configuration of a stage is written into every run folder and checkpoint, so a run reloads with
+nothing else (STYLE rule 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..config import HyperLoRAConfig, strict_from_dict
+
+STAGES = (1, 2, 3)
+REFERENCE_MODES = ("self", "other")  # the target image augmented, or another photo of the same person
+# Parameter groups of the hypernetwork (see `hyperlora.train.params`); a stage trains the groups it names.
+PARAM_GROUPS = ("base", "id_basis", "resampler_core", "clip_path", "arcface_path")
+
+
+@dataclass
+class StageConfig:
+    """What differs between the paper's three stages (facts §5.2); one loop runs them all."""
+
+    stage: int = 1  # 1: Base-LoRA; 2: ID-LoRA from CLIP; 3: ID-LoRA with ArcFace, CLIP path frozen
+    steps: int = 1000  # optimiser steps of this stage
+    lr: float = 1e-4  # AdamW peak learning rate
+    warmup_steps: int = 100  # linear warmup, then `lr_schedule`
+    lr_schedule: str = "cosine"  # a diffusers.optimization.get_scheduler name: cosine, constant, linear, ...
+    train_groups: tuple[str, ...] = ()  # parameter groups trained (PARAM_GROUPS); empty: the stage's default
+    id_inputs: tuple[str, ...] = ()  # ID-branch inputs ("clip", "arcface"); empty: stage 2 clip, stage 3 both
+    # Stage 2-3 cases, drawn per sample: (a) trigger words + ID + Base -> the target image; (b) no trigger words,
+    # ID alone -> the frozen base model's prediction; (c) no trigger words, ID + Base -> the Base-only prediction
+    case_probs: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    reference: str = "other"  # "self": the target image augmented (the paper's single-image data); "other":
+    # another image of the same person with another look (the toy world and multi-photo folders have them)
+    base_in_id_stages: bool = True  # stages 2-3 use the frozen Base-LoRA of stage 1 in cases (a) and (c);
+    # False trains the ID-LoRA without it (the decoupling ablation: stages 2-3 only)
+
+    def __post_init__(self):
+        self.train_groups, self.id_inputs = tuple(self.train_groups), tuple(self.id_inputs)
+        self.case_probs = tuple(float(p) for p in self.case_probs)
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage}")
+        unknown = set(self.train_groups) - set(PARAM_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown train_groups {sorted(unknown)}; groups: {PARAM_GROUPS}")
+        if set(self.id_inputs) - {"clip", "arcface"}:
+            raise ValueError(f"id_inputs must be a subset of ('clip', 'arcface'), got {self.id_inputs}")
+        if len(self.case_probs) != 3 or min(self.case_probs) < 0 or abs(sum(self.case_probs) - 1) > 1e-6:
+            raise ValueError(f"case_probs must be three non-negative probabilities summing to 1, got {self.case_probs}")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError(f"steps must be >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The groups this stage trains: stage 1 the Base branch, stage 2 the ID-LoRA's CLIP side and the shared
+        resampler, stage 3 only the ArcFace path (ID projector, proj_in, the ArcFace cross-attention)."""
+        return self.train_groups or {1: ("base",), 2: ("id_basis", "resampler_core", "clip_path"),
+                                     3: ("arcface_path",)}[self.stage]  # fmt: skip
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.id_inputs or {1: (), 2: ("clip",), 3: ("clip", "arcface")}[self.stage]
+
+
+@dataclass
+class TrainConfig:
+    """The run: data, optimisation and runtime shared by every stage."""
+
+    world: str = "toy"  # "toy" (rendered people, shipped models) or "sdxl" (a prepared folder dataset)
+    data: str = ""  # sdxl: a folder made by `python -m hyperlora.train prepare`; toy: "" (rendered here)
+    pipeline: str = "data/toy/sdxl"  # the frozen base model: a diffusers SDXL pipeline folder
+    clip: str = "data/toy/clip"  # the CLIP vision encoder of the hypernetwork (toy CLIP or ViT-L/14)
+    faces: str = "data/toy/faces"  # toy: the face models; sdxl: the insightface root holding antelopev2
+    # Toy data: a pool of rendered train-split people, encoded once into the feature cache (`train.data`).
+    num_identities: int = 2000  # train-split people in the pool (ids 0..n-1; never a val or test person)
+    images_per_identity: int = 4  # looks per person; "other" references come from the same person's looks
+    data_seed: int = 1  # render seed of the pool (the toy UNet trained on seed 0: other looks of its people)
+    # Optimisation.
+    batch_size: int = 16  # per process, per accumulation step
+    grad_accum: int = 1  # gradient accumulation steps per optimiser step
+    grad_clip: float = 1.0  # max gradient norm of the trained parameters
+    weight_decay: float = 1e-2
+    caption_dropout: float = 0.1  # share of case-(a) prompts replaced by "" (the LoRA serves CFG's branch too)
+    snr_gamma: float | None = 5.0  # Min-SNR weighting of the diffusion loss; None: plain MSE
+    ema_decay: float = 0.0  # EMA of the trained parameters (0: off); the EMA weights are the ones exported
+    # Runtime.
+    mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16" (GPU)
+    threads: int = 1  # torch CPU threads per process
+    seed: int = 0  # init and the per-step batch generators (a step's batch depends on (seed, step, process) only)
+    log_every: int = 20  # steps per JSONL log line
+    checkpoint_every: int = 500  # steps per resumable checkpoint (and at the end of each stage)
+    keep_checkpoints: int = 2  # resumable checkpoints kept per stage (the newest)
+    val_every: int = 0  # steps per validation (right vs shuffled reference loss on held-out people); 0: off
+    val_identities: int = 16  # val-split people in the validation set
+    export_dtype: str = "float16"  # dtype of the exported checkpoint (the official files are fp16)
+
+    def __post_init__(self):
+        if self.world not in ("toy", "sdxl"):
+            raise ValueError(f"world must be 'toy' or 'sdxl', got {self.world!r}")
+        if self.world == "sdxl" and not self.data:
+            raise ValueError("the sdxl world trains on a prepared folder: pass --data (python -m hyperlora.train prepare)")
+        for name in ("batch_size", "grad_accum", "threads", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one stage of a run needs: the hypernetwork, the run, the stage."""
+
+    model: HyperLoRAConfig = field(default_factory=HyperLoRAConfig)
+    run: TrainConfig = field(default_factory=TrainConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps({"model": self.model.to_dict(), "run": dataclasses.asdict(self.run),
+                                      "stage": dataclasses.asdict(self.stage)}))  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunConfig:
+        unknown = set(values) - {"model", "run", "stage"}
+        if unknown:
+            raise ValueError(f"unknown run-config sections {sorted(unknown)}; sections: model, run, stage")
+        return cls(HyperLoRAConfig.from_dict(values.get("model", {})), strict_from_dict(TrainConfig, values.get("run", {})),
+                   strict_from_dict(StageConfig, values.get("stage", {})))  # fmt: skip
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def list_train_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("hyperlora.train.presets").iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict:
+    """The preset's sections as written (only what differs from the defaults)."""
+    path = resources.files("hyperlora.train.presets") / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown training preset {name!r}; presets: {list_train_presets()}")
+    values = json.loads(path.read_text())
+    values.pop("_comment", None)
+    unknown = set(values) - {"model", "run", "stages"}
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {sorted(unknown)}; sections: model, run, stages")
+    return values
+
+
+def resolve(preset: str, stage: int, *, model: dict | None = None, run: dict | None = None,
+            stage_overrides: dict | None = None) -> RunConfig:  # fmt: skip
+    """Preset + overrides -> the RunConfig of one stage (unknown keys raise)."""
+    values = load_preset(preset)
+    stages = values.get("stages", {})
+    stage_values = {**stages.get(str(stage), {}), **(stage_overrides or {}), "stage": stage}
+    return RunConfig(
+        HyperLoRAConfig.from_dict({**values.get("model", {}), **(model or {})}),
+        strict_from_dict(TrainConfig, {**values.get("run", {}), **(run or {})}),
+        strict_from_dict(StageConfig, stage_values),
+    )

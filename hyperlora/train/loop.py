@@ -1,0 +1,239 @@
+"""The training loop: one stage of the schedule on HF accelerate, resumable exactly; and the whole schedule.
+
+A stage's run folder holds
+    config.json        the resolved RunConfig, the command line, the git commit
+    log.jsonl          one line per `log_every` steps: loss, per-case losses, lr, grad norm, images/s
+    val.jsonl          validation: case (a) loss with the right reference against a shuffled one
+    checkpoints/step-N accelerate's resumable state (weights, AdamW, LR schedule, EMA, RNG), the newest kept
+    model/             the trained hypernetwork in the official four-file layout, float32 (the next stage's start)
+    hyperlora/         the same in `export_dtype` (what users load: `hyperlora.checkpoint.load_checkpoint`)
+    done.json          written last: steps, seconds, final figures; a stage with it is complete
+Batches depend only on (seed, stage, step, micro-step, process), so `--resume` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..hypernet import HyperLoRA
+from ..targets import find_targets
+from ..toy.cards import git_commit
+from .config import RunConfig
+from .data import TRAINING_SET_FILE, TrainingSet, fixed_batch, sample_batch, step_seed
+from .losses import LoRAGenerator, reference_gap, stage_loss
+from .params import select_trainable, zero_new_paths
+
+logger = logging.getLogger(__name__)
+
+DONE_FILE = "done.json"
+
+
+def load_base_pipeline(path: str, world: str) -> StableDiffusionXLPipeline:
+    """The frozen base model (float32; the toy folder stores float16 weights)."""
+    if world == "toy":
+        from ..toy.pipeline import load_toy_pipeline
+
+        return load_toy_pipeline(path)
+    if not (Path(path) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--pipeline {path!r}: not a diffusers SDXL pipeline folder (no model_index.json)")
+    return StableDiffusionXLPipeline.from_pretrained(path, dtype=torch.float32)
+
+
+def load_training_sets(config: RunConfig, pipe, cache_dir: Path, progress: bool) -> tuple[TrainingSet, TrainingSet | None]:
+    """The training set (and the validation set, toy world): a prepared folder, or the toy world's rendered pool."""
+    run = config.run
+    if run.data:
+        path = Path(run.data) / TRAINING_SET_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {run.data}: no {TRAINING_SET_FILE}; make it with `python -m hyperlora.train prepare`")
+        data, _ = TrainingSet.load(path)
+        val = None
+        if (Path(run.data) / "val" / TRAINING_SET_FILE).is_file():
+            val, _ = TrainingSet.load(Path(run.data) / "val" / TRAINING_SET_FILE)
+        return data, val
+    from ..conditioning.clip_features import ClipImageEncoder
+    from ..conditioning.references import Conditioner
+    from ..toy.face_backend import ToyFaceAnalyzer
+    from .data import toy_training_set
+
+    analyzer = ToyFaceAnalyzer(model_dir=run.faces)
+    conditioner = Conditioner(analyzer, ClipImageEncoder(run.clip, world="toy"), with_base=True, min_face_size=8.0)
+    words = config.model.trigger_words
+    data = toy_training_set(run, pipe, conditioner, words, cache_dir, progress=progress)
+    val = None
+    if run.val_every:
+        val = toy_training_set(run, pipe, conditioner, words, cache_dir, split="val", num_identities=run.val_identities,
+                               progress=progress)  # fmt: skip
+    return data, val
+
+
+def build_model(config: RunConfig, unet, init: Path | None) -> HyperLoRA:
+    """A fresh hypernetwork (seeded), or the previous stage's; the ArcFace path starts closed until stage 3."""
+    if init is None:
+        model = HyperLoRA(config.model, find_targets(unet))
+        zero_new_paths(model)
+        return model
+    model = load_checkpoint(init, unet=unet)
+    if model.config != config.model:
+        theirs, ours = model.config.to_dict(), config.model.to_dict()
+        diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+        raise ValueError(f"{init}: its hypernetwork differs from this run's (checkpoint, run): {diff}")
+    return model
+
+
+def _latest_checkpoint(out: Path) -> tuple[Path, int] | None:
+    found = sorted((int(p.name.split("-")[1]), p) for p in (out / "checkpoints").glob("step-*") if (p / "step.json").is_file())
+    return (found[-1][1], found[-1][0]) if found else None
+
+
+def _save_state(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
+    folder = out / "checkpoints" / f"step-{step}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / "step.json").write_text(json.dumps({"step": step}) + "\n")  # written last: the state is complete
+        for old in sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_stage(config: RunConfig, out_dir: str | Path, *, init: str | Path | None = None, resume: bool = False,
+                cache_dir: str | Path | None = None, progress: bool = True, command: list[str] | None = None) -> Path:  # fmt: skip
+    """Train one stage into `out_dir` (see the module docstring); returns `out_dir / "model"`."""
+    run, stage, out = config.run, config.stage, Path(out_dir)
+    torch.set_num_threads(run.threads)
+    accelerator = Accelerator(mixed_precision=run.mixed_precision)
+    latest = _latest_checkpoint(out) if resume else None
+    if not resume and (out / "checkpoints").exists():
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {**config.to_dict(), "command": command or sys.argv, "git_commit": git_commit(),
+                  "init": str(init) if init else None, "num_processes": accelerator.num_processes}  # fmt: skip
+        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    pipe = load_base_pipeline(run.pipeline, run.world)
+    unet = pipe.unet.requires_grad_(False).eval().to(accelerator.device)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the base model's schedule and prediction type
+    with accelerator.main_process_first():  # the main process builds the cache, the others read it
+        data, val = load_training_sets(config, pipe, Path(cache_dir or out.parent / "cache"), progress)
+    others = data.others()
+    set_seed(run.seed)
+    model = build_model(config, unet, Path(init) if init else None)
+    if stage.stage == 1 and not model.config.has_base_lora:
+        raise ValueError("stage 1 trains the Base-LoRA: the hypernetwork needs has_base_lora=True")
+    params = select_trainable(model, stage.groups)
+    module = LoRAGenerator(model).to(accelerator.device)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=run.weight_decay)
+    n = accelerator.num_processes  # accelerate steps a prepared LR schedule once per process
+    schedule = get_scheduler(stage.lr_schedule, optimizer, num_warmup_steps=stage.warmup_steps * n,
+                             num_training_steps=stage.steps * n)  # fmt: skip
+    module, optimizer, schedule = accelerator.prepare(module, optimizer, schedule)
+    ema = EMAModel(params, decay=run.ema_decay) if run.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    start = 0
+    if latest is not None:
+        accelerator.load_state(str(latest[0]))
+        start = latest[1]
+        logger.info("resumed %s at step %d", out, start)
+    has_base = model.config.has_base_lora
+    val_batch = fixed_batch(val, val.others(), stage, run, size=64, seed=run.seed) if val is not None else None
+    main = accelerator.is_main_process
+    log = open(out / "log.jsonl", "a") if main else None
+    bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"stage {stage.stage}",
+               disable=not (progress and main), mininterval=2)  # fmt: skip
+    window, clock, began = [], time.perf_counter(), time.perf_counter()
+    for step in bar:
+        stats: dict = {}
+        for micro in range(run.grad_accum):
+            rng = torch.Generator().manual_seed(step_seed(run.seed, stage.stage, step, micro, accelerator.process_index))
+            batch = _to(sample_batch(data, others, stage, run, rng), accelerator.device)
+            last = micro == run.grad_accum - 1
+            with accelerator.no_sync(module) if not last else contextlib.nullcontext():
+                with accelerator.autocast():
+                    loss, stats = stage_loss(module, unet, scheduler, batch, stage, snr_gamma=run.snr_gamma, rng=rng,
+                                             has_base=has_base)  # fmt: skip
+                accelerator.backward(loss / run.grad_accum)
+        grad_norm = accelerator.clip_grad_norm_(params, run.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
+        window.append({"loss": float(loss), **stats, "grad_norm": float(grad_norm)})
+        done = step + 1
+        if main and (done % run.log_every == 0 or done == stage.steps):
+            seconds = time.perf_counter() - clock
+            line = {"step": done, "lr": schedule.get_last_lr()[0],
+                    "images_per_s": len(window) * run.batch_size * run.grad_accum * n / seconds}  # fmt: skip
+            for key in {k for w in window for k in w}:
+                values = [w[key] for w in window if key in w]
+                line[key] = sum(values) / len(values)
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{line['loss']:.4f}")
+            window, clock = [], time.perf_counter()
+        if main and val_batch is not None and run.val_every and (done % run.val_every == 0 or done == stage.steps):
+            gap = reference_gap(accelerator.unwrap_model(module), unet, scheduler, _to(val_batch, accelerator.device),
+                                stage, rng_seed=run.seed, has_base=has_base)  # fmt: skip
+            with open(out / "val.jsonl", "a") as f:
+                f.write(json.dumps({"step": done, **gap}) + "\n")
+        if done % run.checkpoint_every == 0 or done == stage.steps:
+            _save_state(accelerator, out, done, run.keep_checkpoints)
+    if log is not None:
+        log.close()
+    seconds = time.perf_counter() - began
+    return _export(accelerator, module, ema, params, config, out, seconds, start, init)
+
+
+def _export(accelerator, module, ema, params, config: RunConfig, out: Path, seconds: float, start: int, init) -> Path:
+    """The trained hypernetwork in the official layout (float32 and export dtype) and done.json."""
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(module).hyperlora
+    if ema is not None:
+        ema.copy_to(params)
+    if accelerator.is_main_process:
+        extra = {"run_config": config.to_dict(), "git_commit": git_commit(), "init": str(init) if init else None,
+                 "stage": config.stage.stage, "steps": config.stage.steps}  # fmt: skip
+        save_checkpoint(model, out / "model", extra=extra)
+        save_checkpoint(model, out / "hyperlora", dtype=getattr(torch, config.run.export_dtype), extra=extra)
+        done = {"stage": config.stage.stage, "steps": config.stage.steps, "seconds_this_session": round(seconds, 1),
+                "resumed_from_step": start}  # fmt: skip
+        (out / DONE_FILE).write_text(json.dumps(done, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return out / "model"
+
+
+def train_schedule(configs: list[RunConfig], out_dir: str | Path, *, init: str | Path | None = None,
+                   resume: bool = False, progress: bool = True, command: list[str] | None = None) -> Path:  # fmt: skip
+    """Stages in order, each in `out_dir/stage{N}` starting from the previous stage's model; with `resume`,
+    complete stages are skipped and an interrupted one continues from its newest checkpoint."""
+    out = Path(out_dir)
+    previous = Path(init) if init else None
+    for config in configs:
+        folder = out / f"stage{config.stage.stage}"
+        if resume and (folder / DONE_FILE).is_file():
+            logger.info("stage %d already complete in %s", config.stage.stage, folder)
+        else:
+            train_stage(config, folder, init=previous, resume=resume, cache_dir=out / "cache", progress=progress,
+                        command=command)  # fmt: skip
+        previous = folder / "model"
+    return previous

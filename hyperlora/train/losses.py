@@ -1,0 +1,130 @@
+"""The stage losses: per sample, one of the paper's cases, with that sample's own generated LoRA.
+
+Stage 1 (Base-LoRA): trigger words, the Base-LoRA of the face-blurred image, diffusion loss on the image.
+Stages 2-3 (ID-LoRA; facts §5.2 "three training cases switched at random"), drawn per sample:
+    (a) trigger words, ID + Base          -> the diffusion target of the image
+    (b) no trigger words, ID alone         -> the frozen base model's prediction (no gradient through it)
+    (c) no trigger words, ID + Base        -> the Base-only prediction
+(b) ties the ID-LoRA to the trigger words (without them it must change nothing); (c) keeps it from
+re-learning what the Base-LoRA already carries. Every sample sees the same noisy latents in the
+student and the teacher, so (b) is exactly zero when the ID-LoRA is zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+from torch import nn
+
+from ..hypernet import HyperLoRA
+from ..lora import LoRAWeights, functional_lora
+from .config import StageConfig
+
+CASES = ("a", "b", "c")
+
+
+class LoRAGenerator(nn.Module):
+    """The trained module: a HyperLoRA whose forward generates the batch's LoRAs (what DDP wraps)."""
+
+    def __init__(self, hyperlora: HyperLoRA):
+        super().__init__()
+        self.hyperlora = hyperlora
+
+    def forward(self, *, branch: str, clip=None, arcface=None) -> LoRAWeights:
+        model = self.hyperlora
+        if branch == "base":
+            return model.assemble(model.base_coefficients(clip), "base")
+        return model.assemble(model.id_coefficients(clip=clip, arcface=arcface), "id")
+
+
+def take(lora: LoRAWeights, index: torch.Tensor) -> LoRAWeights:
+    """The LoRAs of some samples of a batch."""
+    return LoRAWeights({k: (d[index], u[index]) for k, (d, u) in lora.layers.items()}, lora.rank, lora.alpha)
+
+
+def noisy_inputs(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator):
+    """(noisy latents, timesteps, diffusion target) for one batch, drawn from `generator`."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
+    return noisy, timesteps, target
+
+
+def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023) for the scheduler's target; ones when snr_gamma is None."""
+    if snr_gamma is None:
+        return torch.ones(len(timesteps), device=timesteps.device)
+    snr = compute_snr(scheduler, timesteps)
+    epsilon = scheduler.config.prediction_type == "epsilon"
+    return torch.clamp(snr, max=snr_gamma) / (snr if epsilon else snr + 1)
+
+
+def _unet(unet, noisy, timesteps, batch, rows=None) -> torch.Tensor:
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+    added = {"text_embeds": pick(batch["text_embeds"]), "time_ids": pick(batch["time_ids"])}
+    return unet(pick(noisy), pick(timesteps), pick(batch["encoder_hidden_states"]), added_cond_kwargs=added).sample
+
+
+def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batch: dict, stage: StageConfig, *,
+               snr_gamma: float | None, rng: torch.Generator, has_base: bool) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """The loss of one batch and, per case, its mean (for the log)."""
+    noisy, timesteps, target = noisy_inputs(scheduler, batch["latents"], rng)
+    weights = snr_weights(scheduler, timesteps, snr_gamma)
+    case = batch["case"].to(noisy.device)
+    if stage.stage == 1:
+        base = generator_module(branch="base", clip=batch["clip_base"])
+        with functional_lora(unet, [base], [1.0]):
+            prediction = _unet(unet, noisy, timesteps, batch)
+    else:
+        inputs = {name: batch[name] for name in stage.inputs}
+        lora = generator_module(branch="id", **inputs)
+        use_base = has_base and stage.base_in_id_stages
+        base = None
+        if use_base:
+            with torch.no_grad():  # the Base-LoRA of stage 1 stays frozen
+                module = getattr(generator_module, "module", generator_module)
+                base = module(branch="base", clip=batch["clip_base"]).detach()
+        base_scale = ((case == 0) | (case == 2)).float()
+        teacher_rows = (case != 0).nonzero().squeeze(1)
+        if len(teacher_rows):
+            with torch.no_grad():  # (b): the base model; (c): Base-LoRA alone; same noisy latents
+                loras = [take(base, teacher_rows)] if use_base else []
+                with functional_lora(unet, loras, [base_scale[teacher_rows]] if use_base else []):
+                    target = target.clone()
+                    target[teacher_rows] = _unet(unet, noisy, timesteps, batch, teacher_rows).to(target.dtype)
+        loras, scales = [lora], [torch.ones(len(case), device=noisy.device)]
+        if use_base:
+            loras.append(base)
+            scales.append(base_scale)
+        with functional_lora(unet, loras, scales):
+            prediction = _unet(unet, noisy, timesteps, batch)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1) * weights
+    stats = {f"loss_{name}": float(per_sample[case == k].mean()) for k, name in enumerate(CASES) if (case == k).any()}
+    return per_sample.mean(), stats
+
+
+@torch.no_grad()
+def reference_gap(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batch: dict, stage: StageConfig, *,
+                  rng_seed: int, has_base: bool) -> dict:  # fmt: skip
+    """Case (a)'s loss with each sample's own reference against another person's (the batch rolled by one),
+    at the same noise and timesteps: the gap says whether the LoRA carries the person or a generic change."""
+    out, half = {}, len(batch["case"]) // 2  # the pool is grouped by person: half a batch away is someone else
+    keys = ("clip_base",) if stage.stage == 1 else ("clip", "arcface")
+    for name, shift in (("right", 0), ("shuffled", half)):
+        shifted = dict(batch, case=torch.zeros_like(batch["case"]))
+        shifted.update({k: batch[k].roll(shift, 0) for k in keys})
+        loss, _ = stage_loss(generator_module, unet, scheduler, shifted, stage, snr_gamma=None,
+                             rng=torch.Generator().manual_seed(rng_seed), has_base=has_base)  # fmt: skip
+        out[f"val_loss_{name}"] = float(loss)
+    out["val_gap"] = out["val_loss_shuffled"] - out["val_loss_right"]
+    return out

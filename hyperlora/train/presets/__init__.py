@@ -1,0 +1,1 @@
+"""Training presets (JSON): only what differs from the dataclass defaults."""
