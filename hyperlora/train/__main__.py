@@ -6,7 +6,8 @@ stage (`--init` the previous stage's `model/` folder); `--stages 1,2,3` runs the
 from the one before, in NAME/stage{N}/. Flags are the fields of HyperLoRAConfig (the hypernetwork),
 TrainConfig (the run) and StageConfig (given once, they apply to every stage run); the preset
 (hyperlora/train/presets/*.json) fills the rest. An interrupted run continues with the same command and
---resume. Several processes: `accelerate launch --num_processes N -m hyperlora.train ...`.
+--resume. Several processes: `accelerate launch --multi_gpu --num_processes N -m hyperlora.train ...` (on CPUs
+also set ACCELERATE_USE_CPU=1: the processes then reduce gradients over gloo).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         path = train_schedule(configs, args.out, init=args.init, resume=args.resume, progress=not args.quiet,
                               command=sys.argv)  # fmt: skip
-    print(f"trained hypernetwork: {path} (float32); users load the export beside it: {path.parent / 'hyperlora'}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"trained hypernetwork: {path} (float32); users load the export beside it: {path.parent / 'hyperlora'}")
     return 0
 
 

@@ -211,7 +211,7 @@ def encode_images(images: list[Image.Image], captions: list[str], persons: list[
     for start in tqdm(range(0, len(images), chunk), desc="encoding the training pool", disable=not progress,
                       mininterval=5):  # fmt: skip
         batch, text = images[start : start + chunk], captions[start : start + chunk]
-        pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in batch])
+        pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in batch])
         dist = vae.encode(pixels.to(vae.device, vae.dtype).float().div(127.5).sub(1).to(vae.dtype)).latent_dist
         encoded = {"latent_mean": dist.mean.float().cpu(), "latent_std": dist.std.float().cpu()}
         for key, prompts in (("trigger", [with_trigger(t, trigger_words) for t in text]), ("plain", text)):

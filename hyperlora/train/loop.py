@@ -14,6 +14,7 @@ Batches depend only on (seed, stage, step, micro-step, process), so `--resume` c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
@@ -178,7 +179,7 @@ def train_stage(config: RunConfig, out_dir: str | Path, *, init: str | Path | No
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
-        window.append({"loss": float(loss), **stats, "grad_norm": float(grad_norm)})
+        window.append({"loss": float(loss.detach()), **stats, "grad_norm": float(grad_norm)})
         done = step + 1
         if main and (done % run.log_every == 0 or done == stage.steps):
             seconds = time.perf_counter() - clock
@@ -210,6 +211,9 @@ def _export(accelerator, module, ema, params, config: RunConfig, out: Path, seco
     model = accelerator.unwrap_model(module).hyperlora
     if ema is not None:
         ema.copy_to(params)
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    (out / "processes").mkdir(exist_ok=True)  # every process's weights, so a data-parallel run can be checked
+    (out / "processes" / f"rank{accelerator.process_index}.json").write_text(json.dumps({"weights_sha256": digest}) + "\n")
     if accelerator.is_main_process:
         extra = {"run_config": config.to_dict(), "git_commit": git_commit(), "init": str(init) if init else None,
                  "stage": config.stage.stage, "steps": config.stage.steps}  # fmt: skip

@@ -109,7 +109,7 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
         with functional_lora(unet, loras, scales):
             prediction = _unet(unet, noisy, timesteps, batch)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1) * weights
-    stats = {f"loss_{name}": float(per_sample[case == k].mean()) for k, name in enumerate(CASES) if (case == k).any()}
+    stats = {f"loss_{name}": float(per_sample[case == k].detach().mean()) for k, name in enumerate(CASES) if (case == k).any()}
     return per_sample.mean(), stats
 
 

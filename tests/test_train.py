@@ -1,0 +1,164 @@
+"""Training: the three stages' plumbing on the shipped toy models at a tiny size (seconds each)."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hyperlora.checkpoint import load_checkpoint
+from hyperlora.train.__main__ import main as train_main
+from hyperlora.train.__main__ import parser
+from hyperlora.train.config import PARAM_GROUPS, StageConfig, resolve
+from hyperlora.train.losses import LoRAGenerator, stage_loss
+from hyperlora.train.loop import build_model, load_base_pipeline, train_schedule, train_stage
+from hyperlora.train.params import group_of, select_trainable
+
+# A tiny pool (3 people x 2 looks) and 2 steps per stage: plumbing, not results.
+TINY_RUN = dict(num_identities=3, images_per_identity=2, batch_size=4, val_identities=2, val_every=2,
+                checkpoint_every=2, log_every=1, threads=1)  # fmt: skip
+
+
+def tiny(stage: int, **stage_overrides):
+    return resolve("toy", stage, run=TINY_RUN, stage_overrides={"steps": 2, "warmup_steps": 1, **stage_overrides})
+
+
+def _state(folder):
+    return {**{f"lora_modules.{k}": v for k, v in load_file(str(folder / "hyper_lora_modules.safetensors")).items()},
+            **{f"resampler.{k}": v for k, v in load_file(str(folder / "resampler.safetensors")).items()},
+            **{f"id_projector.{k}": v for k, v in load_file(str(folder / "id_projector.safetensors")).items()},
+            **{f"base_resampler.{k}": v for k, v in load_file(str(folder / "base_resampler.safetensors")).items()}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def schedule(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    train_schedule([tiny(s) for s in (1, 2, 3)], out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return load_base_pipeline("data/toy/sdxl", "toy").unet.requires_grad_(False)
+
+
+def test_unknown_keys_raise_and_presets_hold_only_differences():
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        resolve("toy", 1, run={"batchsize": 4})
+    with pytest.raises(ValueError, match="unknown training preset"):
+        resolve("nope", 1)
+    with pytest.raises(ValueError, match="case_probs"):
+        StageConfig(stage=2, case_probs=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="--data"):
+        resolve("sdxl", 1)
+    config = resolve("toy", 2)
+    assert config.stage.stage == 2 and config.stage.groups == ("id_basis", "resampler_core", "clip_path")
+    assert config.model.dim == 192 and config.model.has_base_lora
+
+
+def test_cli_flags_come_from_the_dataclass_fields():
+    args = parser().parse_args(["--stages", "1,2", "--out", "x", "--hyper-dim", "8", "--case-probs", "1,0,0",
+                                "--snr-gamma", "none", "--batch-size", "2"])  # fmt: skip
+    assert args.stages == [1, 2]
+    assert vars(args)["model.hyper_dim"] == 8 and vars(args)["stage.case_probs"] == (1.0, 0.0, 0.0)
+    assert vars(args)["run.snr_gamma"] is None and vars(args)["run.batch_size"] == 2
+
+
+def test_every_parameter_is_in_exactly_one_group(unet):
+    model = build_model(tiny(1), unet, None)
+    groups = {group_of(name) for name, _ in model.named_parameters()}
+    assert groups == set(PARAM_GROUPS)
+    params = select_trainable(model, ("arcface_path",))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(params) == len(names) and all(n.startswith(("id_projector", "resampler.proj_in.", "resampler.layers"))
+                                             and "attn3" not in n for n in names)  # fmt: skip
+
+
+def test_each_stage_writes_a_checkpoint_that_reloads_in_the_official_format(schedule, unet):
+    for stage in (1, 2, 3):
+        folder = schedule / f"stage{stage}"
+        model = load_checkpoint(folder / "hyperlora", unet=unet)
+        assert next(model.parameters()).dtype == torch.float16
+        assert json.loads((folder / "config.json").read_text())["stage"]["stage"] == stage
+        assert (folder / "done.json").is_file() and (folder / "log.jsonl").read_text().count("\n") == 2
+        assert {"val_loss_right", "val_loss_shuffled"} <= set(json.loads((folder / "val.jsonl").read_text().split("\n")[0]))
+
+
+def test_a_stage_changes_only_the_parameters_it_owns(schedule, unet):
+    init = build_model(tiny(1), unet, None)  # the seeded fresh model stage 1 started from
+    before = {n: p.detach().clone() for n, p in init.named_parameters()}
+    after = {1: _state(schedule / "stage1" / "model"), 2: _state(schedule / "stage2" / "model"),
+             3: _state(schedule / "stage3" / "model")}  # fmt: skip
+    owned = {1: {"base"}, 2: {"id_basis", "resampler_core", "clip_path"}, 3: {"arcface_path"}}
+    previous = {n: before[n] for n in before}
+    for stage in (1, 2, 3):
+        changed = {group_of(n) for n, v in after[stage].items() if not torch.equal(v, previous[n])}
+        assert changed and changed <= owned[stage], f"stage {stage} changed {changed}, owns {owned[stage]}"
+        previous = after[stage]
+
+
+def test_case_b_loss_is_zero_when_the_id_lora_is_zero(unet, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from hyperlora.train.data import sample_batch
+    from hyperlora.train.loop import load_training_sets
+
+    config = tiny(2, case_probs=(0.0, 1.0, 0.0))
+    pipe = load_base_pipeline(config.run.pipeline, "toy")
+    data, _ = load_training_sets(dataclasses.replace(config, run=dataclasses.replace(config.run, val_every=0)), pipe,
+                                 tmp_path, progress=False)  # fmt: skip
+    model = build_model(config, pipe.unet, None)  # fresh: zero up bases, so a zero ID-LoRA
+    batch = sample_batch(data, data.others(), config.stage, config.run, torch.Generator().manual_seed(0))
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    loss, stats = stage_loss(LoRAGenerator(model), pipe.unet, scheduler, batch, config.stage, snr_gamma=None,
+                             rng=torch.Generator().manual_seed(1), has_base=True)  # fmt: skip
+    assert set(stats) == {"loss_b"} and float(loss) < 1e-10, "case (b) with a zero ID-LoRA must match the base model"
+    with torch.no_grad():
+        model.randomize_up_bases(0.05)
+    loss, _ = stage_loss(LoRAGenerator(model), pipe.unet, scheduler, batch, config.stage, snr_gamma=None,
+                         rng=torch.Generator().manual_seed(1), has_base=True)  # fmt: skip
+    assert float(loss) > 1e-6, "a non-zero ID-LoRA must be penalised in case (b)"
+
+
+def test_a_run_killed_and_resumed_ends_with_bit_identical_weights(schedule, tmp_path):
+    config = tiny(2, steps=4)
+    init = schedule / "stage1" / "model"
+    whole = train_stage(config, tmp_path / "whole", init=init, cache_dir=schedule / "cache", progress=False)
+    resumed = tmp_path / "resumed"
+    train_stage(config, resumed, init=init, cache_dir=schedule / "cache", progress=False)
+    # as if killed right after the step-2 checkpoint: later state gone
+    for name in ("model", "hyperlora", "checkpoints/step-4", "done.json"):
+        path = resumed / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_stage(config, resumed, init=init, cache_dir=schedule / "cache", progress=False)
+    train_stage(config, resumed, init=init, resume=True, cache_dir=schedule / "cache", progress=False)
+    a, b = _state(whole), _state(resumed / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
+    assert json.loads((resumed / "done.json").read_text())["resumed_from_step"] == 2
+
+
+def test_two_process_accelerate_run_keeps_the_processes_weights_identical(schedule, tmp_path):
+    out = tmp_path / "ddp"
+    # accelerate's data-parallel launcher (torchrun); ACCELERATE_USE_CPU makes the processes use gloo on the CPU
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "hyperlora.train", "--stage", "2", "--init", str(schedule / "stage1" / "model"), "--out", str(out),
+               "--steps", "2", "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items()]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = [json.loads(p.read_text())["weights_sha256"] for p in sorted((out / "processes").glob("rank*.json"))]
+    assert len(digests) == 2 and digests[0] == digests[1], digests
+    assert json.loads((out / "config.json").read_text())["num_processes"] == 2
+
+
+def test_cli_runs_a_stage(schedule, tmp_path, capsys):
+    code = train_main(["--stage", "3", "--init", str(schedule / "stage2" / "model"), "--out", str(tmp_path / "cli"),
+                       "--steps", "1", "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items()])  # fmt: skip
+    assert code == 0 and "trained hypernetwork" in capsys.readouterr().out
