@@ -15,8 +15,8 @@ from hyperlora.checkpoint import load_checkpoint
 from hyperlora.train.__main__ import main as train_main
 from hyperlora.train.__main__ import parser
 from hyperlora.train.config import PARAM_GROUPS, StageConfig, resolve
-from hyperlora.train.losses import LoRAGenerator, stage_loss
 from hyperlora.train.loop import build_model, load_base_pipeline, train_schedule, train_stage
+from hyperlora.train.losses import LoRAGenerator, stage_loss
 from hyperlora.train.params import group_of, select_trainable
 
 # A tiny pool (3 people x 2 looks) and 2 steps per stage: plumbing, not results.

@@ -196,6 +196,20 @@ def _conditioning(conditioner: Conditioner, images: list[Image.Image], dims: tup
 
 
 @torch.no_grad()
+def encode_latents_and_text(pipe, images: list[Image.Image], captions: list[str], trigger_words: str) -> dict:
+    """Same-size images and their captions -> VAE latent moments and both prompts' text states (with and
+    without the trigger words), batched as TrainingSet rows."""
+    vae = pipe.vae
+    pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+    dist = vae.encode(pixels.to(vae.device).float().div(127.5).sub(1).to(vae.dtype)).latent_dist
+    encoded = {"latent_mean": dist.mean.float().cpu(), "latent_std": dist.std.float().cpu()}
+    for key, prompts in (("trigger", [with_trigger(t, trigger_words) for t in captions]), ("plain", captions)):
+        e, _, p, _ = pipe.encode_prompt(prompts, device=vae.device, do_classifier_free_guidance=False)
+        encoded[f"{key}_embeds"], encoded[f"{key}_pooled"] = e.half().cpu(), p.half().cpu()
+    return encoded
+
+
+@torch.no_grad()
 def encode_images(images: list[Image.Image], captions: list[str], persons: list[int], *, pipe,
                   conditioner: Conditioner, trigger_words: str, size: tuple[int, int], seed: int,
                   chunk: int = 64, progress: bool = True) -> TrainingSet:  # fmt: skip
@@ -211,12 +225,7 @@ def encode_images(images: list[Image.Image], captions: list[str], persons: list[
     for start in tqdm(range(0, len(images), chunk), desc="encoding the training pool", disable=not progress,
                       mininterval=5):  # fmt: skip
         batch, text = images[start : start + chunk], captions[start : start + chunk]
-        pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in batch])
-        dist = vae.encode(pixels.to(vae.device, vae.dtype).float().div(127.5).sub(1).to(vae.dtype)).latent_dist
-        encoded = {"latent_mean": dist.mean.float().cpu(), "latent_std": dist.std.float().cpu()}
-        for key, prompts in (("trigger", [with_trigger(t, trigger_words) for t in text]), ("plain", text)):
-            e, _, p, _ = pipe.encode_prompt(prompts, device=vae.device, do_classifier_free_guidance=False)
-            encoded[f"{key}_embeds"], encoded[f"{key}_pooled"] = e.half().cpu(), p.half().cpu()
+        encoded = encode_latents_and_text(pipe, batch, text, trigger_words)
         clip_id, arcface, clip_base, ok = _conditioning(conditioner, batch, dims)
         clip_aug, arc_aug, _, ok_aug = _conditioning(conditioner, [augment(im, rng) for im in batch], dims)
         encoded |= {"clip_id": clip_id.half(), "arcface": arcface, "clip_base": clip_base.half(),

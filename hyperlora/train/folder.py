@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,14 +34,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..config import HyperLoRAConfig
 from ..conditioning.backends import FACE_BACKENDS, make_face_analyzer
 from ..conditioning.clip_features import ClipImageEncoder
 from ..conditioning.faces import DEFAULT_MIN_FACE_SIZE
 from ..conditioning.images import ConditioningError, load_image
 from ..conditioning.references import Conditioner
-from ..pipeline import with_trigger
-from .data import TRAINING_SET_FILE, TrainingSet, augment
+from ..config import HyperLoRAConfig
+from .data import TRAINING_SET_FILE, TrainingSet, augment, encode_latents_and_text
 
 CAPTIONS_FILE = "captions.jsonl"
 REPORT_FILE = "prepare_report.json"
@@ -66,7 +66,7 @@ class Photo:
 
     entry: Entry
     bucket: int  # index into the bucket list
-    time_ids: list[int]  # original (h, w), crop top-left (top, left), target (h, w)
+    time_ids: list[int]  # original (h, w) as loaded (long side <= 2048), crop top-left (top, left), target (h, w)
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # TrainingSet field -> this photo's row
 
 
@@ -157,16 +157,11 @@ def _prepare_photo(entry: Entry, src: Path, pipe, conditioner: Conditioner, buck
     clip = conditioner.clip([crop, crop_aug, base]).float().cpu()
     bucket = nearest_bucket(image.size, buckets)
     target, time_ids = resize_crop(image, buckets[bucket])
-    vae = pipe.vae
-    pixels = torch.from_numpy(np.array(target)).permute(2, 0, 1)[None]  # [1, 3, h, w] uint8
-    dist = vae.encode(pixels.to(vae.device).float().div(127.5).sub(1).to(vae.dtype)).latent_dist
-    rows = {"latent_mean": dist.mean[0].float().cpu(), "latent_std": dist.std[0].float().cpu(),
-            "clip_id": clip[0].half(), "clip_id_aug": clip[1].half(), "clip_base": clip[2].half(),
-            "arcface": torch.from_numpy(np.asarray(embedding, np.float32)),
-            "arcface_aug": torch.from_numpy(np.asarray(embedding_aug, np.float32))}  # fmt: skip
-    for key, prompt in (("trigger", with_trigger(entry.caption, trigger_words)), ("plain", entry.caption)):
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=vae.device, do_classifier_free_guidance=False)
-        rows[f"{key}_embeds"], rows[f"{key}_pooled"] = embeds[0].half().cpu(), pooled[0].half().cpu()
+    encoded = encode_latents_and_text(pipe, [target], [entry.caption], trigger_words)
+    rows = {key: value[0] for key, value in encoded.items()}
+    rows |= {"clip_id": clip[0].half(), "clip_id_aug": clip[1].half(), "clip_base": clip[2].half(),
+             "arcface": torch.from_numpy(np.asarray(embedding, np.float32)),
+             "arcface_aug": torch.from_numpy(np.asarray(embedding_aug, np.float32))}  # fmt: skip
     return Photo(entry, bucket, time_ids, rows), warnings
 
 
@@ -181,7 +176,8 @@ def assemble(photos: list[Photo], persons: dict[str, int], empty: tuple[torch.Te
         row[members] = torch.arange(len(members))
     latents = {key: [torch.stack([p.rows[key] for p in photos if p.bucket == u]) for u in used]
                for key in ("latent_mean", "latent_std")}  # fmt: skip
-    per_image = {key: torch.stack([p.rows[key] for p in photos]) for key in photos[0].rows if not key.startswith("latent")}
+    per_image = {key: torch.stack([p.rows[key] for p in photos]) for key in photos[0].rows
+                 if not key.startswith("latent")}  # fmt: skip
     data = TrainingSet(
         **latents, bucket=bucket, row=row, person=torch.tensor([persons[p.entry.person] for p in photos]),
         time_ids=torch.tensor([p.time_ids for p in photos], dtype=torch.float32),
@@ -201,7 +197,8 @@ def split_persons(photos: list[Photo], val_fraction: float, seed: int) -> tuple[
     names = sorted({p.entry.person for p in photos})
     count = max(1, round(val_fraction * len(names)))
     if count >= len(names):
-        raise ValueError(f"--val-fraction {val_fraction} holds out {count} of {len(names)} usable persons: none left to train on")
+        raise ValueError(f"--val-fraction {val_fraction} holds out {count} of {len(names)} usable persons: "
+                         "none left to train on")
     held = {names[i] for i in np.random.default_rng(seed).permutation(len(names))[:count]}
     return [p for p in photos if p.entry.person not in held], [p for p in photos if p.entry.person in held]
 
@@ -209,23 +206,27 @@ def split_persons(photos: list[Photo], val_fraction: float, seed: int) -> tuple[
 def prepare_folder(src: str | Path, out: str | Path, *, pipeline: str | Path, clip: str | Path, face_backend: str,
                    face_kwargs: dict | None = None, trigger_words: str = HyperLoRAConfig.trigger_words,
                    buckets=SDXL_BUCKETS, max_images: int | None = None, val_fraction: float = 0.0, seed: int = 0,
-                   min_face_size: float = DEFAULT_MIN_FACE_SIZE, device: str = "cpu", progress: bool = True) -> Path:  # fmt: skip
+                   min_face_size: float = DEFAULT_MIN_FACE_SIZE, device: str = "cpu",
+                   progress: bool = True) -> Path:  # fmt: skip
     """A captioned photo folder -> `out/` holding training_set.safetensors (and val/) and prepare_report.json."""
     from .loop import load_base_pipeline
 
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {max_images}")
     src, out = Path(src), Path(out)
     entries = read_captions(src)[:max_images]
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} already exists and is not empty; choose another folder or delete it")
     pipe = load_base_pipeline(str(pipeline), "sdxl").to(device)
     analyzer = make_face_analyzer(face_backend, **(face_kwargs or {}))
-    conditioner = Conditioner(analyzer, ClipImageEncoder(clip, device=device), with_base=True, min_face_size=min_face_size)
+    conditioner = Conditioner(analyzer, ClipImageEncoder(clip, device=device), with_base=True,
+                              min_face_size=min_face_size)  # fmt: skip
     sizes = scaled_buckets(pipe, buckets)
     photos, status = [], []
     for entry in tqdm(entries, desc="preparing photos", disable=not progress, mininterval=5):
         record = {"file": entry.file, "person": entry.person, "line": entry.line}
         try:
-            if entry.caption is None or not entry.caption:
+            if not entry.caption:
                 raise ConditioningError("missing caption" + ("" if entry.line else f" (no line in {CAPTIONS_FILE})"))
             photo, warnings = _prepare_photo(entry, src, pipe, conditioner, sizes, trigger_words, seed)
         except ConditioningError as err:
@@ -243,33 +244,37 @@ def prepare_folder(src: str | Path, out: str | Path, *, pipeline: str | Path, cl
     with torch.no_grad():
         empty, _, empty_pooled, _ = pipe.encode_prompt("", device=pipe.vae.device, do_classifier_free_guidance=False)
     empty = (empty.half().cpu(), empty_pooled.half().cpu())
+    scaling = float(pipe.vae.config.scaling_factor)
+    parts = {name: assemble(part, persons, empty, scaling) for name, part in (("", train), ("val", val)) if part}
     meta = {"source": str(src.resolve()), "pipeline": str(pipeline), "clip": str(clip), "face_backend": face_backend,
-            "trigger_words": trigger_words, "seed": seed, "all_buckets": [list(s) for s in sizes], "photos": status}  # fmt: skip
+            "trigger_words": trigger_words, "seed": seed, "all_buckets": [list(s) for s in sizes], "photos": status}
+    in_bucket = Counter(p.bucket for p in photos)
     counts = {"photos": len(entries), "used": len(photos), "skipped": len(skipped), "persons": len(persons),
               "train_photos": len(train), "val_photos": len(val),
-              "buckets": {f"{h}x{w}": sum(p.bucket == i for p in photos) for i, (h, w) in enumerate(sizes)
-                          if any(p.bucket == i for p in photos)}}  # fmt: skip
+              "buckets": {f"{h}x{w}": in_bucket[i] for i, (h, w) in enumerate(sizes) if in_bucket[i]}}  # fmt: skip
+    report = {"source": meta["source"], "counts": counts, "skipped": skipped, "photos": status}
+    _write(out, parts, {"": train, "val": val}, meta, sizes, report)
+    if progress:
+        print(summary(report, out))
+    return out
+
+
+def _write(out: Path, parts: dict, photos: dict[str, list[Photo]], meta: dict, sizes: list, report: dict) -> None:
+    """Every file into a temporary folder beside `out`, then moved into place: a failure leaves nothing behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for folder, part in ((tmp, train), (tmp / "val", val)):
-            if not part:
-                continue
-            folder.mkdir(exist_ok=True)
-            data, used = assemble(part, persons, empty, float(pipe.vae.config.scaling_factor))
-            rows = [{"file": p.entry.file, "person": p.entry.person, "caption": p.entry.caption} for p in part]
-            data.save(folder / TRAINING_SET_FILE, meta | {"buckets": [list(sizes[u]) for u in used], "rows": rows})
-        report = {"source": meta["source"], "counts": counts, "skipped": skipped, "photos": status}
+        for name, (data, used) in parts.items():
+            (tmp / name).mkdir(exist_ok=True)
+            rows = [{"file": p.entry.file, "person": p.entry.person, "caption": p.entry.caption} for p in photos[name]]
+            data.save(tmp / name / TRAINING_SET_FILE, meta | {"buckets": [list(sizes[u]) for u in used], "rows": rows})
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():
-            out.rmdir()  # empty (checked above): replaced by the finished folder
+            out.rmdir()  # empty (checked before any work): replaced by the finished folder
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if progress:
-        print(summary(report, out))
-    return out
 
 
 def summary(report: dict, out: Path) -> str:

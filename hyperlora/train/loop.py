@@ -20,6 +20,7 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,26 +117,60 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_stage(config: RunConfig, out_dir: str | Path, *, init: str | Path | None = None, resume: bool = False,
-                cache_dir: str | Path | None = None, progress: bool = True, command: list[str] | None = None) -> Path:  # fmt: skip
-    """Train one stage into `out_dir` (see the module docstring); returns `out_dir / "model"`."""
-    run, stage, out = config.run, config.stage, Path(out_dir)
+@dataclass
+class Trainer:
+    """One stage, set up: the frozen base model, the data, the prepared hypernetwork and its optimiser."""
+
+    config: RunConfig
+    accelerator: Accelerator
+    unet: torch.nn.Module
+    scheduler: DDPMScheduler  # the base model's noise schedule and prediction type
+    data: TrainingSet
+    others: list[torch.Tensor]
+    val: TrainingSet | None
+    module: torch.nn.Module  # LoRAGenerator, prepared (DDP-wrapped with several processes)
+    params: list[torch.nn.Parameter]  # what this stage trains
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel | None
+
+    @property
+    def has_base(self) -> bool:
+        return self.accelerator.unwrap_model(self.module).hyperlora.config.has_base_lora
+
+    def step(self, step: int) -> dict:
+        """Optimiser step `step` (0-based): grad_accum micro-batches of the stage loss, clipping, AdamW, the LR
+        schedule, EMA. Its batches depend only on (seed, stage, step, micro-step, process). Returns log values."""
+        run, stage, accelerator = self.config.run, self.config.stage, self.accelerator
+        for micro in range(run.grad_accum):
+            rng = torch.Generator().manual_seed(step_seed(run.seed, stage.stage, step, micro, accelerator.process_index))
+            batch = _to(sample_batch(self.data, self.others, stage, run, rng), accelerator.device)
+            last = micro == run.grad_accum - 1
+            with accelerator.no_sync(self.module) if not last else contextlib.nullcontext():
+                with accelerator.autocast():
+                    loss, stats = stage_loss(self.module, self.unet, self.scheduler, batch, stage, rng=rng,
+                                             snr_gamma=run.snr_gamma, has_base=self.has_base)  # fmt: skip
+                accelerator.backward(loss / run.grad_accum)
+        grad_norm = accelerator.clip_grad_norm_(self.params, run.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return {"loss": float(loss.detach()), **stats, "grad_norm": float(grad_norm)}
+
+
+def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir: str | Path,
+                progress: bool = True) -> Trainer:  # fmt: skip
+    """Load the frozen parts and the data, build (or load) the hypernetwork, freeze what the stage does not own."""
+    run, stage = config.run, config.stage
     torch.set_num_threads(run.threads)
     accelerator = Accelerator(mixed_precision=run.mixed_precision)
-    latest = _latest_checkpoint(out) if resume else None
-    if not resume and (out / "checkpoints").exists():
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {**config.to_dict(), "command": command or sys.argv, "git_commit": git_commit(),
-                  "init": str(init) if init else None, "num_processes": accelerator.num_processes}  # fmt: skip
-        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     pipe = load_base_pipeline(run.pipeline, run.world)
     unet = pipe.unet.requires_grad_(False).eval().to(accelerator.device)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the base model's schedule and prediction type
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     with accelerator.main_process_first():  # the main process builds the cache, the others read it
-        data, val = load_training_sets(config, pipe, Path(cache_dir or out.parent / "cache"), progress)
-    others = data.others()
+        data, val = load_training_sets(config, pipe, Path(cache_dir), progress)
     set_seed(run.seed)
     model = build_model(config, unet, Path(init) if init else None)
     if stage.stage == 1 and not model.config.has_base_lora:
@@ -150,67 +185,73 @@ def train_stage(config: RunConfig, out_dir: str | Path, *, init: str | Path | No
     ema = EMAModel(params, decay=run.ema_decay) if run.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    return Trainer(config, accelerator, unet, scheduler, data, data.others(), val, module, params, optimizer,
+                   schedule, ema)  # fmt: skip
+
+
+def _log_line(window: list[dict], step: int, seconds: float, trainer: Trainer) -> dict:
+    run = trainer.config.run
+    images = len(window) * run.batch_size * run.grad_accum * trainer.accelerator.num_processes
+    line = {"step": step, "lr": trainer.schedule.get_last_lr()[0], "images_per_s": images / seconds}
+    for key in {k for w in window for k in w}:
+        values = [w[key] for w in window if key in w]
+        line[key] = sum(values) / len(values)
+    return line
+
+
+def train_stage(config: RunConfig, out_dir: str | Path, *, init: str | Path | None = None, resume: bool = False,
+                cache_dir: str | Path | None = None, progress: bool = True, command: list[str] | None = None) -> Path:  # fmt: skip
+    """Train one stage into `out_dir` (see the module docstring); returns `out_dir / "model"`."""
+    run, stage, out = config.run, config.stage, Path(out_dir)
+    latest = _latest_checkpoint(out) if resume else None
+    if not resume and (out / "checkpoints").exists():
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    trainer = setup_stage(config, init=init, cache_dir=cache_dir or out.parent / "cache", progress=progress)
+    accelerator, main = trainer.accelerator, trainer.accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {**config.to_dict(), "command": command or sys.argv, "git_commit": git_commit(),
+                  "init": str(init) if init else None, "num_processes": accelerator.num_processes}  # fmt: skip
+        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     start = 0
     if latest is not None:
         accelerator.load_state(str(latest[0]))
         start = latest[1]
         logger.info("resumed %s at step %d", out, start)
-    has_base = model.config.has_base_lora
+    val = trainer.val
     val_batch = fixed_batch(val, val.others(), stage, run, size=64, seed=run.seed) if val is not None else None
-    main = accelerator.is_main_process
     log = open(out / "log.jsonl", "a") if main else None
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"stage {stage.stage}",
                disable=not (progress and main), mininterval=2)  # fmt: skip
     window, clock, began = [], time.perf_counter(), time.perf_counter()
     for step in bar:
-        stats: dict = {}
-        for micro in range(run.grad_accum):
-            rng = torch.Generator().manual_seed(step_seed(run.seed, stage.stage, step, micro, accelerator.process_index))
-            batch = _to(sample_batch(data, others, stage, run, rng), accelerator.device)
-            last = micro == run.grad_accum - 1
-            with accelerator.no_sync(module) if not last else contextlib.nullcontext():
-                with accelerator.autocast():
-                    loss, stats = stage_loss(module, unet, scheduler, batch, stage, snr_gamma=run.snr_gamma, rng=rng,
-                                             has_base=has_base)  # fmt: skip
-                accelerator.backward(loss / run.grad_accum)
-        grad_norm = accelerator.clip_grad_norm_(params, run.grad_clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(params)
-        window.append({"loss": float(loss.detach()), **stats, "grad_norm": float(grad_norm)})
+        window.append(trainer.step(step))
         done = step + 1
         if main and (done % run.log_every == 0 or done == stage.steps):
-            seconds = time.perf_counter() - clock
-            line = {"step": done, "lr": schedule.get_last_lr()[0],
-                    "images_per_s": len(window) * run.batch_size * run.grad_accum * n / seconds}  # fmt: skip
-            for key in {k for w in window for k in w}:
-                values = [w[key] for w in window if key in w]
-                line[key] = sum(values) / len(values)
+            line = _log_line(window, done, time.perf_counter() - clock, trainer)
             log.write(json.dumps(line) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{line['loss']:.4f}")
             window, clock = [], time.perf_counter()
         if main and val_batch is not None and run.val_every and (done % run.val_every == 0 or done == stage.steps):
-            gap = reference_gap(accelerator.unwrap_model(module), unet, scheduler, _to(val_batch, accelerator.device),
-                                stage, rng_seed=run.seed, has_base=has_base)  # fmt: skip
+            gap = reference_gap(accelerator.unwrap_model(trainer.module), trainer.unet, trainer.scheduler,
+                                _to(val_batch, accelerator.device), stage, rng_seed=run.seed, has_base=trainer.has_base)  # fmt: skip
             with open(out / "val.jsonl", "a") as f:
                 f.write(json.dumps({"step": done, **gap}) + "\n")
         if done % run.checkpoint_every == 0 or done == stage.steps:
             _save_state(accelerator, out, done, run.keep_checkpoints)
     if log is not None:
         log.close()
-    seconds = time.perf_counter() - began
-    return _export(accelerator, module, ema, params, config, out, seconds, start, init)
+    return _export(trainer, out, time.perf_counter() - began, start, init)
 
 
-def _export(accelerator, module, ema, params, config: RunConfig, out: Path, seconds: float, start: int, init) -> Path:
+def _export(trainer: Trainer, out: Path, seconds: float, start: int, init) -> Path:
     """The trained hypernetwork in the official layout (float32 and export dtype) and done.json."""
+    accelerator, config = trainer.accelerator, trainer.config
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(module).hyperlora
-    if ema is not None:
-        ema.copy_to(params)
+    model = accelerator.unwrap_model(trainer.module).hyperlora
+    if trainer.ema is not None:
+        trainer.ema.copy_to(trainer.params)
     digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
     (out / "processes").mkdir(exist_ok=True)  # every process's weights, so a data-parallel run can be checked
     (out / "processes" / f"rank{accelerator.process_index}.json").write_text(json.dumps({"weights_sha256": digest}) + "\n")

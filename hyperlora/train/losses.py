@@ -70,7 +70,7 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: fl
 
 
 def _unet(unet, noisy, timesteps, batch, rows=None) -> torch.Tensor:
-    pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
     added = {"text_embeds": pick(batch["text_embeds"]), "time_ids": pick(batch["time_ids"])}
     return unet(pick(noisy), pick(timesteps), pick(batch["encoder_hidden_states"]), added_cond_kwargs=added).sample
 
