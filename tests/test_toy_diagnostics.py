@@ -39,3 +39,17 @@ def test_different_people_sharing_a_look_stay_at_the_different_identity_level():
     assert result["n_pairs"] == 18, "every render has a face"
     assert abs(result["shared_look_different_identity_mean"]) < 0.2, result
 
+
+
+def test_nonsense_prefix_adds_rare_words_but_never_the_trigger_words():
+    import numpy as np
+
+    from hyperlora.toy.identity import nonsense_prefix
+
+    rng = np.random.default_rng(0)
+    out = [nonsense_prefix("a portrait of a person", rng, avoid="fcsks fxhks fhyks") for _ in range(200)]
+    words = [o.split(", ")[0].split() for o in out]
+    assert all(o.endswith(", a portrait of a person") for o in out)
+    assert {len(w) for w in words} == {1, 2, 3} and all(4 <= len(x) <= 6 for w in words for x in w)
+    assert not {"fcsks", "fxhks", "fhyks"} & {x for w in words for x in w}
+    assert len({" ".join(w) for w in words}) > 190, "prefixes should vary"

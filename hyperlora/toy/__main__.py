@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     p_info = commands.add_parser("info", help="what is present under the toy folder, with sizes")
     p_info.add_argument("--out", default=str(DEFAULT_TOY_DIR))
     p_diag = commands.add_parser("diagnose", help="where a gate is lost (hyperlora.toy.diagnostics); prints JSON")
-    p_diag.add_argument("what", choices=["ceiling", "probe", "vae", "looks"], help="ceiling: supervised CNN on the "
-                        "renders; probe: linear probe on the CLIP's vision features; vae: the VAE's identity loss, "
-                        "split; looks: toy-ArcFace similarity of different people sharing one look")
+    p_diag.add_argument("what", choices=["ceiling", "probe", "vae", "looks", "trigger"], help="ceiling: supervised CNN on "
+                        "the renders; probe: linear probe on the CLIP's vision features; vae: the VAE's identity loss, "
+                        "split; looks: toy-ArcFace similarity of different people sharing one look; trigger: the base "
+                        "model's prompt adherence with HyperLoRA's trigger words against without")
     p_diag.add_argument("--out", default=str(DEFAULT_TOY_DIR), help="toy folder holding clip/, vae/ and faces/")
     args = parser.parse_args(argv)
     if args.command == "diagnose":
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {"ceiling": lambda: diagnostics.attribute_ceiling(),
                   "probe": lambda: diagnostics.clip_linear_probe(out / "clip"),
                   "vae": lambda: diagnostics.vae_identity_breakdown(out / "vae", out / "faces"),
-                  "looks": lambda: diagnostics.shared_look_identity_level(out / "faces")}[args.what]()
+                  "looks": lambda: diagnostics.shared_look_identity_level(out / "faces"),
+                  "trigger": lambda: diagnostics.trigger_word_damage(out)}[args.what]()
         print(json.dumps(result, indent=2, default=str))
         return 0
     if args.command == "info":

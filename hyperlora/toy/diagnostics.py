@@ -10,7 +10,9 @@
 - `vae_identity_breakdown`: splits the VAE's identity loss into content (both crops aligned on the
   original's keypoints) and alignment (the detector's keypoints moving on the reconstruction).
 
-`python -m hyperlora.toy diagnose {ceiling,probe,vae,looks}` prints each as JSON. These are measurements for
+- `trigger_word_damage`: the base model's prompt adherence with HyperLoRA's trigger words against without.
+
+`python -m hyperlora.toy diagnose {ceiling,probe,vae,looks,trigger}` prints each as JSON. These are measurements for
 decisions and closing notes, not gates.
 """
 
@@ -146,3 +148,23 @@ def shared_look_identity_level(faces_path: str | Path, *, num_looks: int = 32, p
         similarities += [float(a @ b) for a, b in combinations(found, 2)]
     return {"shared_look_different_identity_mean": float(np.mean(similarities)), "n_pairs": len(similarities)}
 
+
+
+def trigger_word_damage(toy_dir: str | Path, words: str = "fcsks fxhks fhyks", *, num_prompts: int = 32,
+                        per_prompt: int = 2) -> dict:  # fmt: skip
+    """The base model's prompt adherence with HyperLoRA's trigger words before every prompt (a zero LoRA) against
+    without: SDXL's text encoders have seen such rare tokens, the toy ones may not have, and the ID-LoRA's
+    case (b) assumes that the words alone change nothing. Same prompts and seeds in both."""
+    from .pipeline import clip_judge, evaluate_base_model, face_judges, load_toy_pipeline
+
+    toy_dir = Path(toy_dir)
+    pipe, judge = load_toy_pipeline(toy_dir / "sdxl"), clip_judge(toy_dir / "clip")
+    detect, _ = face_judges(toy_dir / "faces")
+    out = {}
+    for name, prefix in (("plain", ""), ("trigger_words", words)):
+        figures = evaluate_base_model(pipe, judge=judge, detector=detect, num_prompts=num_prompts,
+                                      per_prompt=per_prompt, prompt_prefix=prefix)  # fmt: skip
+        out[name] = {k: figures[k] for k in ("attribute_accuracy", "per_attribute_accuracy", "face_rate")}
+    out["adherence_ratio"] = out["trigger_words"]["attribute_accuracy"] / out["plain"]["attribute_accuracy"]
+    out["words"], out["num_images"] = words, num_prompts * per_prompt
+    return out

@@ -275,3 +275,18 @@ def caption(look: Look, params: IdentityParams, rng: np.random.Generator, identi
     background = BACKGROUND_PHRASES[look.background_pattern].format(look.background_colour)
     return (f"{prefix} {person}, wearing {_join(worn)}, {EXPRESSION_PHRASES[look.expression]}, "
             f"in front of {background}")
+
+
+NONSENSE_LETTERS = "bcdfghjklmnpqrstvwxzbcdfghkpstxaeiouy"  # mostly consonants: words no caption uses
+
+
+def nonsense_prefix(caption: str, rng: np.random.Generator, *, avoid: str = "fcsks fxhks fhyks") -> str:
+    """1-3 rare, meaningless words of 4-6 letters before `caption` ("qzkrt bxwl, a portrait of ..."), never the
+    words in `avoid` (HyperLoRA's trigger words): a base model trained on some such captions learns that rare
+    words carry nothing, as SDXL has, so the trigger words alone leave its output as it is."""
+    words = []
+    while len(words) < int(rng.integers(1, 4)):
+        word = "".join(rng.choice(list(NONSENSE_LETTERS), size=int(rng.integers(4, 7))))
+        if word not in avoid.split():
+            words.append(word)
+    return f"{' '.join(words)}, {caption}"

@@ -259,19 +259,21 @@ def judge_accuracy(judge: Judge, images: np.ndarray, looks: Sequence[Look]) -> t
 
 def evaluate_base_model(path_or_pipe, *, judge: Judge | None = None, detector: Detector | None = None,
                         embedder: Embedder | None = None, num_prompts: int = 32, per_prompt: int = 4,
-                        steps: int = 20, guidance_scale: float = TOY_GUIDANCE, seed: int = 1234
-                        ) -> dict:  # fmt: skip
+                        steps: int = 20, guidance_scale: float = TOY_GUIDANCE, seed: int = 1234,
+                        prompt_prefix: str = "") -> dict:  # fmt: skip
     """Does the base model follow prompts, draw faces and vary people? Missing judges give None, listed as not measured.
 
     attribute_accuracy: share of (image, named attribute) pairs where `judge` sees the named value (GATES);
     face_rate: share of images with >= 1 face from `detector` (GATES);
     identity_similarity: mean pairwise cosine of `embedder` within one prompt's generations (lower = more diverse;
     prompts with fewer than two faces found are left out, None if none is left).
+    `prompt_prefix` (e.g. HyperLoRA's trigger words) is put before every prompt as "prefix, prompt".
     """
     pipe = path_or_pipe if isinstance(path_or_pipe, StableDiffusionXLPipeline) else load_toy_pipeline(path_or_pipe)
     pipe.set_progress_bar_config(disable=True)
     looks = prompt_looks(num_prompts, seed)
     prompts = [look_prompt(look, seed + i) for i, look in enumerate(looks)]
+    prompts = [f"{prompt_prefix}, {p}" if prompt_prefix else p for p in prompts]
     rep_looks = [look for look in looks for _ in range(per_prompt)]
     seeds = [seed + k for k in range(len(rep_looks))]
     images = generate(pipe, [p for p in prompts for _ in range(per_prompt)], seeds=seeds, steps=steps,

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -36,7 +37,7 @@ from ..config import strict_from_dict
 from ..targets import find_targets
 from .cards import read_model_card, write_model_card
 from .data import ToyPortraits, render_arrays, to_tensor
-from .identity import split_identities
+from .identity import nonsense_prefix, split_identities
 from .pipeline import NOISE_SCHEDULE, make_pipeline, text_components, toy_vae
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class UNetTrainConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0  # max gradient norm
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    nonsense_prefix_prob: float = 0.0  # share of captions given 1-3 rare meaningless words in front
+    # (identity.nonsense_prefix): HyperLoRA's trigger words are such words, which the toy text towers never saw; with
+    # none in training, "fcsks fxhks fhyks, " before a prompt cut the base model's adherence (diagnose trigger)
     snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE
     prediction_type: str = "v_prediction"  # or "epsilon" (SDXL's). An epsilon UNet trained with this recipe
     # predicted x0 worse than the all-zeros guess at t = 950 (MSE 1.19 on unit-variance latents: its small noise
@@ -154,6 +158,9 @@ def build_cache(config: UNetTrainConfig, pipe, *, chunk: int = 64, progress: boo
     arrays = render_arrays(ToyPortraits(identities, config.images_per_identity, config.data_seed, config.image_size),
                            progress=progress)  # fmt: skip
     captions = arrays["captions"]
+    if config.nonsense_prefix_prob > 0:
+        rng = np.random.default_rng([config.data_seed, 17])
+        captions = [nonsense_prefix(c, rng) if rng.random() < config.nonsense_prefix_prob else c for c in captions]
     means, stds, embeds, pooled = [], [], [], []
     for start in tqdm(range(0, len(captions), chunk), desc="caching latents and text", disable=not progress):
         images = torch.stack([to_tensor(image) for image in arrays["images"][start : start + chunk]])
