@@ -74,9 +74,10 @@ class UNetTrainConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0  # max gradient norm
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
-    nonsense_prefix_prob: float = 0.0  # share of captions given 1-3 rare meaningless words in front
+    nonsense_prefix_prob: float = 0.3  # share of captions given 1-3 rare meaningless words in front
     # (identity.nonsense_prefix): HyperLoRA's trigger words are such words, which the toy text towers never saw; with
-    # none in training, "fcsks fxhks fhyks, " before a prompt cut the base model's adherence (diagnose trigger)
+    # none in training (0.0, the models before this setting), "fcsks fxhks fhyks, " before a prompt cut the base
+    # model's adherence from 0.834 to 0.528 (python -m hyperlora.toy diagnose trigger)
     snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE
     prediction_type: str = "v_prediction"  # or "epsilon" (SDXL's). An epsilon UNet trained with this recipe
     # predicted x0 worse than the all-zeros guess at t = 950 (MSE 1.19 on unit-variance latents: its small noise
