@@ -12,6 +12,16 @@ from pathlib import Path
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
+# The main job's parameters for the training notebooks (not smoke): a short 200-step run per stage, each stage
+# starting from the previous notebook's model in the same output folder, so the three notebooks take minutes, not
+# the toy schedule's hours (`python -m hyperlora.train --preset toy --stages 1,2,3` trains it in full). "{out}" is
+# the runner's output folder.
+MAIN_JOB_PARAMETERS = {
+    "03_stage1_base_lora": {"steps": 200},
+    "04_stage2_id_lora_clip": {"steps": 200, "init": "{out}/03_stage1_base_lora/stage1/model"},
+    "05_stage3_id_lora_arcface": {"steps": 200, "init": "{out}/04_stage2_id_lora_clip/stage2/model"},
+}
+
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
     paths = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -44,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for path in notebook_paths(args.only):
         print(f"[notebooks] running {path.name} (smoke={args.smoke})", flush=True)
-        executed = run_notebook(path, args.out, smoke=args.smoke)
+        parameters = {} if args.smoke else MAIN_JOB_PARAMETERS.get(path.stem, {})
+        parameters = {k: v.format(out=args.out.resolve()) if isinstance(v, str) else v for k, v in parameters.items()}
+        executed = run_notebook(path, args.out, smoke=args.smoke, parameters=parameters)
         print(f"[notebooks] wrote {executed.parent}", flush=True)
     return 0
 

@@ -9,8 +9,16 @@ from PIL import Image
 
 from hyperlora.train.config import resolve
 from hyperlora.train.loop import train_stage
-from hyperlora.train.preview import (CELL_INCHES, DPI, plot_training, read_log, run_folder_of, stage_configs, summarize,
-                                     validation_grid)  # fmt: skip
+from hyperlora.train.preview import (
+    CELL_INCHES,
+    DPI,
+    plot_training,
+    read_log,
+    run_folder_of,
+    stage_configs,
+    summarize,
+    validation_grid,
+)
 
 
 def _fake_run(folder, *, val=True):
@@ -55,8 +63,8 @@ def test_stage_configs_smoke_and_full():
 
 
 def test_validation_grid_has_a_column_per_checkpoint_and_a_similarity_per_cell(tmp_path):
-    config = resolve("toy", 2, run=dict(num_identities=3, images_per_identity=2, batch_size=4, val_every=0, threads=1),
-                     stage_overrides=dict(steps=2, warmup_steps=1))  # fmt: skip
+    run = {"num_identities": 3, "images_per_identity": 2, "batch_size": 4, "val_every": 0, "threads": 1}
+    config = resolve("toy", 2, run=run, stage_overrides={"steps": 2, "warmup_steps": 1})
     model = train_stage(config, tmp_path / "stage2", progress=False)
     checkpoints = [("2 steps", model), ("2 steps fp16", tmp_path / "stage2" / "hyperlora")]
     png = validation_grid(checkpoints, num_people=2, steps=2, smoke=True, out_png=tmp_path / "grid.png")

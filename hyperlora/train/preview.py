@@ -18,13 +18,15 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
+from PIL import Image
 
 from .config import RunConfig, load_preset, resolve
 from .loop import DONE_FILE
 
 # The tests' tiny sizes: 3 people x 2 looks, batch 4, validation on 2 people every 2 steps.
-SMOKE_RUN = dict(num_identities=3, images_per_identity=2, batch_size=4, val_identities=2, val_every=2,
-                 checkpoint_every=2, log_every=1, threads=1)  # fmt: skip
+SMOKE_RUN = {"num_identities": 3, "images_per_identity": 2, "batch_size": 4, "val_identities": 2, "val_every": 2,
+             "checkpoint_every": 2, "log_every": 1, "threads": 1}  # fmt: skip
 CELL_INCHES, DPI = 1.5, 100  # one grid cell is 150 x 150 pixels (plus a title band)
 SMOKE_LABEL = "untrained / smoke: plumbing"
 
@@ -90,9 +92,6 @@ def validation_grid(checkpoints: list[tuple[str, str | Path]], *, toy_dir: str |
     """Held-out people x (reference | base model | each checkpoint), written to `out_png`, and beside it a JSON of
     each cell's toy-ArcFace similarity to the reference (null: no face found). Each person is personalised
     from one reference render; every column of a row uses the same seed."""
-    import torch
-    from PIL import Image
-
     from ..checkpoint import load_checkpoint
     from ..conditioning.backends import make_face_analyzer
     from ..conditioning.clip_features import ClipImageEncoder
@@ -179,10 +178,10 @@ def stage_configs(stage: int, *, smoke: bool, steps: int | None = None, seed: in
     for s in range(1 if earlier else stage, stage + 1):
         overrides = {}
         if smoke:
-            overrides = dict(steps=2, warmup_steps=1)
+            overrides = {"steps": 2, "warmup_steps": 1}
         elif s == stage and steps is not None:
             warmup = preset.get(str(s), {}).get("warmup_steps", 100)
-            overrides = dict(steps=steps, warmup_steps=min(warmup, max(1, steps // 10)))
+            overrides = {"steps": steps, "warmup_steps": min(warmup, max(1, steps // 10))}
         configs.append(resolve("toy", s, run={**run, **(SMOKE_RUN if smoke else {})}, stage_overrides=overrides))
     return configs
 
