@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[notebooks] running {path.name} (smoke={args.smoke})", flush=True)
         parameters = {} if args.smoke else MAIN_JOB_PARAMETERS.get(path.stem, {})
         parameters = {k: v.format(out=args.out.resolve()) if isinstance(v, str) else v for k, v in parameters.items()}
+        if "init" in parameters and not Path(parameters["init"]).is_dir():  # the previous notebook did not run here
+            del parameters["init"]
         executed = run_notebook(path, args.out, smoke=args.smoke, parameters=parameters)
         print(f"[notebooks] wrote {executed.parent}", flush=True)
     return 0
