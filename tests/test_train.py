@@ -162,3 +162,17 @@ def test_cli_runs_a_stage(schedule, tmp_path, capsys):
     code = train_main(["--stage", "3", "--init", str(schedule / "stage2" / "model"), "--out", str(tmp_path / "cli"),
                        "--steps", "1", "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items()])  # fmt: skip
     assert code == 0 and "trained hypernetwork" in capsys.readouterr().out
+
+
+def test_a_batch_groups_looks_of_one_person_behind_one_reference(schedule):
+    from hyperlora.train.data import TrainingSet, sample_batch
+
+    data, _ = TrainingSet.load(next((schedule / "cache").glob("train-*/training_set.safetensors")))
+    config = tiny(2, targets_per_reference=2)
+    batch = sample_batch(data, data.others(), config.stage, config.run, torch.Generator().manual_seed(3))
+    assert len(batch["clip"]) == len(batch["arcface"]) == 2 and len(batch["latents"]) == 4
+    assert batch["group"].tolist() == [0, 0, 1, 1]
+    people = data.person[batch["index"]].view(2, 2)
+    assert (people[:, 0] == people[:, 1]).all() and (data.person[batch["reference"]] == people[:, 0]).all()
+    with pytest.raises(ValueError, match="multiple of targets_per_reference"):
+        sample_batch(data, data.others(), tiny(2, targets_per_reference=3).stage, config.run, torch.Generator())

@@ -39,6 +39,8 @@ class StageConfig:
     case_probs: tuple[float, float, float] = (0.5, 0.25, 0.25)
     reference: str = "other"  # "self": the target image augmented (the paper's single-image data); "other":
     # another image of the same person with another look (the toy world and multi-photo folders have them)
+    targets_per_reference: int = 1  # stages 2-3: looks of one person that share one generated LoRA in a batch
+    # (batch_size / this references per step): the resampler runs once per reference, the cost it dominates
     base_in_id_stages: bool = True  # stages 2-3 use the frozen Base-LoRA of stage 1 in cases (a) and (c);
     # False trains the ID-LoRA without it (the decoupling ablation: stages 2-3 only)
 
@@ -56,6 +58,8 @@ class StageConfig:
             raise ValueError(f"case_probs must be three non-negative probabilities summing to 1, got {self.case_probs}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        if self.targets_per_reference < 1:
+            raise ValueError(f"targets_per_reference must be >= 1, got {self.targets_per_reference}")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError(f"steps must be >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
 

@@ -101,27 +101,47 @@ class TrainingSet:
                 for i, p in enumerate(self.person.tolist())]  # fmt: skip
 
 
+def _draw_targets(data: TrainingSet, others: list[torch.Tensor], stage: StageConfig, run: TrainConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """batch_size image indices of one bucket, in groups of `targets_per_reference` looks of one person."""
+    m = stage.targets_per_reference
+    if run.batch_size % m:
+        raise ValueError(f"batch_size {run.batch_size} is not a multiple of targets_per_reference {m}")
+    valid = data.valid.nonzero().squeeze(1)
+    buckets = data.bucket[valid]
+    counts = torch.bincount(buckets, minlength=len(data.latent_mean)).float()
+    bucket = int(torch.multinomial(counts, 1, generator=generator))  # a bucket in proportion to its images
+    pool = valid[buckets == bucket]
+    anchors = pool[torch.randint(len(pool), (run.batch_size // m,), generator=generator)]
+    index = []
+    for anchor in anchors.tolist():
+        same = others[anchor][data.bucket[others[anchor]] == bucket]
+        picks = same[torch.randint(len(same), (m - 1,), generator=generator)] if len(same) else [anchor] * (m - 1)
+        index += [anchor, *(int(p) for p in picks)]
+    return torch.tensor(index, dtype=torch.long)
+
+
 def sample_batch(data: TrainingSet, others: list[torch.Tensor], stage: StageConfig, run: TrainConfig,
                  generator: torch.Generator, index: torch.Tensor | None = None) -> dict:  # fmt: skip
     """One batch: latents sampled from their moments, text states, reference and Base features, the cases.
-    `index` fixes the images (one bucket); by default they are drawn."""
+
+    The images come in groups of `stage.targets_per_reference` looks of one person that share one reference
+    (`clip`, `arcface` have one row per group; `group` maps each image to its row), so the hypernetwork runs
+    once per group. `index` fixes the images instead (one bucket, groups of one); by default they are drawn."""
+    m = 1 if index is not None else stage.targets_per_reference
     if index is None:
-        valid = data.valid.nonzero().squeeze(1)
-        buckets = data.bucket[valid]
-        counts = torch.bincount(buckets, minlength=len(data.latent_mean)).float()
-        bucket = int(torch.multinomial(counts, 1, generator=generator))  # a bucket in proportion to its images
-        pool = valid[buckets == bucket]
-        index = pool[torch.randint(len(pool), (run.batch_size,), generator=generator)]
+        index = _draw_targets(data, others, stage, run, generator)
     bucket = int(data.bucket[index[0]])
     if (data.bucket[index] != bucket).any():
         raise ValueError("a batch must come from one latent bucket")
     rows = data.row[index]
     noise = torch.randn(data.latent_mean[bucket][rows].shape, generator=generator)
     latents = (data.latent_mean[bucket][rows] + data.latent_std[bucket][rows] * noise) * data.scaling_factor
-    # references: the image's augmented copy ("self"), or another image of the person (falls back to "self")
-    reference, from_self = index.clone(), torch.ones(len(index), dtype=torch.bool)
+    # one reference per group: the first image's augmented copy ("self"), or another image of the person
+    anchors = index[::m]
+    reference, from_self = anchors.clone(), torch.ones(len(anchors), dtype=torch.bool)
     if stage.reference == "other":
-        for k, i in enumerate(index.tolist()):
+        for k, i in enumerate(anchors.tolist()):
             if len(others[i]):
                 reference[k] = others[i][torch.randint(len(others[i]), (1,), generator=generator)]
                 from_self[k] = False
@@ -139,7 +159,7 @@ def sample_batch(data: TrainingSet, others: list[torch.Tensor], stage: StageConf
     return {
         "latents": latents, "encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": data.time_ids[index].float(),
         "clip": clip_id.float(), "arcface": arcface.float(), "clip_base": data.clip_base[index].float(), "case": case,
-        "index": index, "reference": reference,
+        "group": torch.arange(len(anchors)).repeat_interleave(m), "index": index, "reference": reference,
     }  # fmt: skip
 
 

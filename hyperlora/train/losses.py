@@ -88,6 +88,8 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
     else:
         inputs = {name: batch[name] for name in stage.inputs}
         lora = generator_module(branch="id", **inputs)
+        if lora.batch_size != len(case):  # one LoRA per group of looks of one person
+            lora = take(lora, batch["group"].to(noisy.device))
         use_base = has_base and stage.base_in_id_stages
         base = None
         if use_base:
@@ -118,11 +120,11 @@ def reference_gap(generator_module: nn.Module, unet, scheduler: DDPMScheduler, b
                   rng_seed: int, has_base: bool) -> dict:  # fmt: skip
     """Case (a)'s loss with each sample's own reference against another person's (the batch rolled by one),
     at the same noise and timesteps: the gap says whether the LoRA carries the person or a generic change."""
-    out, half = {}, len(batch["case"]) // 2  # the pool is grouped by person: half a batch away is someone else
+    out = {}  # the validation set is grouped by person: half a batch away is someone else
     keys = ("clip_base",) if stage.stage == 1 else ("clip", "arcface")
-    for name, shift in (("right", 0), ("shuffled", half)):
+    for name, shifted_by_half in (("right", False), ("shuffled", True)):
         shifted = dict(batch, case=torch.zeros_like(batch["case"]))
-        shifted.update({k: batch[k].roll(shift, 0) for k in keys})
+        shifted.update({k: batch[k].roll(len(batch[k]) // 2 if shifted_by_half else 0, 0) for k in keys})
         loss, _ = stage_loss(generator_module, unet, scheduler, shifted, stage, snr_gamma=None,
                              rng=torch.Generator().manual_seed(rng_seed), has_base=has_base)  # fmt: skip
         out[f"val_loss_{name}"] = float(loss)
