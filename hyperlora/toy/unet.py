@@ -30,10 +30,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..config import strict_from_dict
+from ..diffusion import noisy_inputs, snr_weights
 from ..targets import find_targets
 from .cards import read_model_card, write_model_card
 from .data import ToyPortraits, render_arrays, to_tensor
@@ -202,25 +203,12 @@ def diffusion_loss(unet, noise_scheduler: DDPMScheduler, batch: dict, generator:
                    snr_gamma: float | None) -> torch.Tensor:  # fmt: skip
     """DDPM MSE against the scheduler's `prediction_type` target: the noise (Ho et al. 2020, eq. 14) or the
     velocity v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0; Min-SNR-gamma weighted if `snr_gamma`."""
-    latents = batch["latents"]
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-    timesteps = timesteps.to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy, timesteps, target = noisy_inputs(noise_scheduler, batch["latents"], generator)
     added = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
     prediction = unet(noisy, timesteps, batch["encoder_hidden_states"], added_cond_kwargs=added).sample
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
     if snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float())
-    snr = compute_snr(noise_scheduler, timesteps)
-    # Min-SNR's weight on the x0 loss, min(SNR, gamma), expressed for the target: / SNR (epsilon), / (SNR + 1) (v)
-    weights = torch.clamp(snr, max=snr_gamma) / (snr if kind == "epsilon" else snr + 1)
+    weights = snr_weights(noise_scheduler, timesteps, snr_gamma)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weights).mean()
 

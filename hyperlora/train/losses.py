@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
 from torch import nn
 
+from ..diffusion import noisy_inputs, snr_weights
 from ..hypernet import HyperLoRA
 from ..lora import LoRAWeights, functional_lora
 from .config import StageConfig
@@ -42,31 +42,6 @@ class LoRAGenerator(nn.Module):
 def take(lora: LoRAWeights, index: torch.Tensor) -> LoRAWeights:
     """The LoRAs of some samples of a batch."""
     return LoRAWeights({k: (d[index], u[index]) for k, (d, u) in lora.layers.items()}, lora.rank, lora.alpha)
-
-
-def noisy_inputs(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator):
-    """(noisy latents, timesteps, diffusion target) for one batch, drawn from `generator`."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-    timesteps = timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
-    return noisy, timesteps, target
-
-
-def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
-    """Min-SNR-gamma weights (Hang et al. 2023) for the scheduler's target; ones when snr_gamma is None."""
-    if snr_gamma is None:
-        return torch.ones(len(timesteps), device=timesteps.device)
-    snr = compute_snr(scheduler, timesteps)
-    epsilon = scheduler.config.prediction_type == "epsilon"
-    return torch.clamp(snr, max=snr_gamma) / (snr if epsilon else snr + 1)
 
 
 def _unet(unet, noisy, timesteps, batch, rows=None) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""The diffusion training objective's pieces, shared by every trainer (the toy UNet, HyperLoRA's stages)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+
+def noisy_inputs(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator):
+    """(noisy latents, timesteps, target) of one batch, noise then timesteps drawn from `generator`. The target is
+    the scheduler's `prediction_type`: the noise (Ho et al. 2020, eq. 14) or the velocity
+    v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
+    return noisy, timesteps, target
+
+
+def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma) on the x0 loss, expressed for the scheduler's
+    target (/ SNR for epsilon, / (SNR + 1) for v); ones when snr_gamma is None."""
+    if snr_gamma is None:
+        return torch.ones(len(timesteps), device=timesteps.device)
+    snr = compute_snr(scheduler, timesteps)
+    epsilon = scheduler.config.prediction_type == "epsilon"
+    return torch.clamp(snr, max=snr_gamma) / (snr if epsilon else snr + 1)
