@@ -86,7 +86,9 @@ def test_each_stage_writes_a_checkpoint_that_reloads_in_the_official_format(sche
         assert next(model.parameters()).dtype == torch.float16
         assert json.loads((folder / "config.json").read_text())["stage"]["stage"] == stage
         assert (folder / "done.json").is_file() and (folder / "log.jsonl").read_text().count("\n") == 2
-        assert {"val_loss_right", "val_loss_shuffled"} <= set(json.loads((folder / "val.jsonl").read_text().split("\n")[0]))
+        val = json.loads((folder / "val.jsonl").read_text().split("\n")[0])
+        assert {"val_loss_right", "val_loss_shuffled", "val_gap"} <= set(val)
+        assert -1.0 <= val["val_coefficient_cosine"] <= 1.0
 
 
 def test_a_stage_changes_only_the_parameters_it_owns(schedule, unet):
@@ -176,3 +178,12 @@ def test_a_batch_groups_looks_of_one_person_behind_one_reference(schedule):
     assert (people[:, 0] == people[:, 1]).all() and (data.person[batch["reference"]] == people[:, 0]).all()
     with pytest.raises(ValueError, match="multiple of targets_per_reference"):
         sample_batch(data, data.others(), tiny(2, targets_per_reference=3).stage, config.run, torch.Generator())
+
+
+def test_coefficient_cosine_is_one_for_one_generic_lora_and_lower_for_distinct_people():
+    from hyperlora.train.losses import coefficient_cosine
+
+    same = torch.ones(4, 3, 8)
+    assert coefficient_cosine(same, torch.tensor([0, 0, 1, 1])) == pytest.approx(1.0)
+    distinct = torch.nn.functional.normalize(torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert coefficient_cosine(distinct, torch.tensor([0, 1, 2, 3])) < 0.9

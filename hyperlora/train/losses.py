@@ -93,8 +93,9 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
 @torch.no_grad()
 def reference_gap(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batch: dict, stage: StageConfig, *,
                   rng_seed: int, has_base: bool) -> dict:  # fmt: skip
-    """Case (a)'s loss with each sample's own reference against another person's (the batch rolled by one),
-    at the same noise and timesteps: the gap says whether the LoRA carries the person or a generic change."""
+    """Case (a)'s loss with each sample's own reference against another person's (rolled by half the batch),
+    at the same noise and timesteps, and the mean coefficient cosine between different people: the gap and the
+    cosine say whether the LoRA carries the person or one generic change."""
     out = {}  # the validation set is grouped by person: half a batch away is someone else
     keys = ("clip_base",) if stage.stage == 1 else ("clip", "arcface")
     for name, shifted_by_half in (("right", False), ("shuffled", True)):
@@ -104,4 +105,19 @@ def reference_gap(generator_module: nn.Module, unet, scheduler: DDPMScheduler, b
                              rng=torch.Generator().manual_seed(rng_seed), has_base=has_base)  # fmt: skip
         out[f"val_loss_{name}"] = float(loss)
     out["val_gap"] = out["val_loss_shuffled"] - out["val_loss_right"]
+    module = getattr(generator_module, "module", generator_module).hyperlora
+    if stage.stage == 1:
+        coefficients = module.base_coefficients(batch["clip_base"])
+    else:
+        coefficients = module.id_coefficients(**{name: batch[name] for name in stage.inputs})
+    out["val_coefficient_cosine"] = coefficient_cosine(coefficients, batch["person"])
     return out
+
+
+def coefficient_cosine(coefficients: torch.Tensor, person: torch.Tensor) -> float:
+    """Mean cosine between the flattened coefficient vectors [N, Q, K] of different people (1.0: one generic LoRA
+    for everyone; the unit-norm tokens make each vector's norm sqrt(Q), so this is the mean per-token cosine)."""
+    flat = F.normalize(coefficients.flatten(1).float(), dim=-1)
+    cosine = flat @ flat.T
+    different = person[:, None] != person[None, :]
+    return float(cosine[different].mean()) if different.any() else float("nan")
