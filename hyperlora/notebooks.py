@@ -12,14 +12,17 @@ from pathlib import Path
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
-# The main job's parameters for the training notebooks (not smoke): a short 200-step run per stage, each stage
+# The main job's parameters for the training notebooks (not smoke): a short 200-step run per stage on a 300-person
+# pool encoded once, each stage
 # starting from the previous notebook's model in the same output folder, so the three notebooks take minutes, not
 # the toy schedule's hours (`python -m hyperlora.train --preset toy --stages 1,2,3` trains it in full). "{out}" is
 # the runner's output folder.
 MAIN_JOB_PARAMETERS = {
-    "03_stage1_base_lora": {"steps": 200},
-    "04_stage2_id_lora_clip": {"steps": 200, "init": "{out}/03_stage1_base_lora/stage1/model"},
-    "05_stage3_id_lora_arcface": {"steps": 200, "init": "{out}/04_stage2_id_lora_clip/stage2/model"},
+    "03_stage1_base_lora": {"steps": 200, "people": 300, "cache_dir": "{out}/cache"},
+    "04_stage2_id_lora_clip": {"steps": 200, "people": 300, "cache_dir": "{out}/cache",
+                               "init": "{out}/03_stage1_base_lora/stage1/model"},
+    "05_stage3_id_lora_arcface": {"steps": 200, "people": 300, "cache_dir": "{out}/cache",
+                                  "init": "{out}/04_stage2_id_lora_clip/stage2/model"},
 }
 
 

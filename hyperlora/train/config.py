@@ -87,6 +87,7 @@ class TrainConfig:
     # Toy data: a pool of rendered train-split people, encoded once into the feature cache (`train.data`).
     num_identities: int = 2000  # train-split people in the pool (ids 0..n-1; never a val or test person)
     images_per_identity: int = 4  # looks per person; "other" references come from the same person's looks
+    cache_dir: str = ""  # where the encoded training pools are cached; "": beside the run (RUN/cache)
     data_seed: int = 1  # render seed of the pool (the toy UNet trained on seed 0: other looks of its people)
     # Optimisation.
     batch_size: int = 16  # per process, per accumulation step

@@ -206,7 +206,8 @@ def train_stage(config: RunConfig, out_dir: str | Path, *, init: str | Path | No
     latest = _latest_checkpoint(out) if resume else None
     if not resume and (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    trainer = setup_stage(config, init=init, cache_dir=cache_dir or out.parent / "cache", progress=progress)
+    cache_dir = cache_dir or run.cache_dir or out.parent / "cache"
+    trainer = setup_stage(config, init=init, cache_dir=cache_dir, progress=progress)
     accelerator, main = trainer.accelerator, trainer.accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +279,8 @@ def train_schedule(configs: list[RunConfig], out_dir: str | Path, *, init: str |
         if resume and (folder / DONE_FILE).is_file():
             logger.info("stage %d already complete in %s", config.stage.stage, folder)
         else:
-            train_stage(config, folder, init=previous, resume=resume, cache_dir=out / "cache", progress=progress,
+            train_stage(config, folder, init=previous, resume=resume, cache_dir=config.run.cache_dir or out / "cache",
+                        progress=progress,
                         command=command)  # fmt: skip
         previous = folder / "model"
     return previous

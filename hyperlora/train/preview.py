@@ -167,12 +167,18 @@ def _draw_grid(columns: dict[str, list], similarity: dict[str, list], people: li
 
 
 def stage_configs(stage: int, *, smoke: bool, steps: int | None = None, seed: int = 0, earlier: bool = True,
-                  toy_dir: str | Path = "data/toy") -> list[RunConfig]:  # fmt: skip
+                  toy_dir: str | Path = "data/toy", people: int | None = None,
+                  cache_dir: str | Path | None = None) -> list[RunConfig]:  # fmt: skip
     """The toy preset's RunConfigs of `stage` (after stages 1..stage-1 when `earlier`): smoke, the tests' tiny
     pool and 2 steps each; else the preset, with `steps` (default: the preset's) for `stage` itself. The toy
-    models are read from `toy_dir` (made absolute: a notebook runs in notebooks/)."""
+    models are read from `toy_dir` (made absolute: a notebook runs in notebooks/); `people` sizes the training pool
+    and `cache_dir` shares its encoding between runs."""
     toy = Path(toy_dir).resolve()
     run = {"seed": seed, "pipeline": str(toy / "sdxl"), "clip": str(toy / "clip"), "faces": str(toy / "faces")}
+    if people:  # train-split people in the pool (default: the preset's)
+        run["num_identities"] = people
+    if cache_dir:  # one encoded pool shared by several runs (the notebooks)
+        run["cache_dir"] = str(Path(cache_dir).resolve())
     preset = load_preset("toy").get("stages", {})
     configs = []
     for s in range(1 if earlier else stage, stage + 1):
