@@ -143,6 +143,8 @@ def test_a_run_killed_and_resumed_ends_with_bit_identical_weights(schedule, tmp_
     a, b = _state(whole), _state(resumed / "model")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
     assert json.loads((resumed / "done.json").read_text())["resumed_from_step"] == 2
+    steps = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], f"a resumed run's log holds each step once, got {steps}"
 
 
 def test_two_process_accelerate_run_keeps_the_processes_weights_identical(schedule, tmp_path):

@@ -113,6 +113,15 @@ def _save_state(accelerator: Accelerator, out: Path, step: int, keep: int) -> No
     accelerator.wait_for_everyone()
 
 
+def _truncate_logs(out: Path, step: int) -> None:
+    """Drop the log lines written after the checkpoint a run resumes from: they are written again."""
+    for name in ("log.jsonl", "val.jsonl"):
+        path = out / name
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in lines))
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -218,6 +227,8 @@ def train_stage(config: RunConfig, out_dir: str | Path, *, init: str | Path | No
     if latest is not None:
         accelerator.load_state(str(latest[0]))
         start = latest[1]
+        if main:
+            _truncate_logs(out, start)
         logger.info("resumed %s at step %d", out, start)
     val = trainer.val
     val_batch = fixed_batch(val, val.others(), stage, run, size=64, seed=run.seed) if val is not None else None
