@@ -191,6 +191,30 @@ def test_pil_input_is_converted_and_left_untouched():
     assert load_image(rgb) is not rgb
 
 
-def test_other_inputs_are_a_type_error():
-    with pytest.raises(TypeError, match="path or a PIL image"):
-        load_image(np.zeros((4, 4, 3), np.uint8))
+def test_arrays_bytes_and_file_objects_load_as_rgb_and_bad_sources_fail_clearly(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from hyperlora.conditioning.images import ImageInputError
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0] = 200
+    assert load_image(rgb).getpixel((0, 0)) == (200, 0, 0)
+    assert load_image(rgb.astype(np.float32) / 255).getpixel((0, 0)) == (200, 0, 0)
+    assert load_image((rgb.astype(np.uint16) * 257)).getpixel((0, 0)) == (200, 0, 0)
+    assert load_image(np.ones((4, 4), bool)).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(np.zeros((4, 4, 4), np.uint8)).mode == "RGB"  # transparent: composited on white
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    assert load_image(buffer.getvalue()).size == (30, 20)
+    buffer.seek(0)
+    assert load_image(buffer).size == (30, 20)
+    with pytest.raises(ImageInputError, match="H x W"):
+        load_image(np.zeros((3, 20, 30), np.uint8))
+    with pytest.raises(ImageInputError, match=r"\[0, 1\]"):
+        load_image(rgb.astype(np.float32))
+    with pytest.raises(ImageInputError, match="not an image file"):
+        load_image(b"not an image")
+    with pytest.raises(ImageInputError, match="not an image source"):
+        load_image(12345)

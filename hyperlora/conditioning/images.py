@@ -17,8 +17,10 @@ so every oddity of real files is settled at this one boundary:
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import typing
 import warnings
 import zlib
 from pathlib import Path
@@ -30,7 +32,9 @@ DEFAULT_MAX_SIDE = 2048          # long side after loading; SDXL works at 1024, 
 DEFAULT_MAX_PIXELS = 120_000_000  # decoded pixels (after JPEG draft scaling): ~360 MB as RGB
 WHITE = (255, 255, 255)
 
-ImageSource = str | os.PathLike | Image.Image
+# A path, a PIL image, a numpy array (H x W, H x W x 1/3/4; uint8, uint16, bool, or float in [0, 1]), encoded
+# file bytes, or a binary file object.
+ImageSource = str | os.PathLike | Image.Image | np.ndarray | bytes | typing.BinaryIO
 
 # What PIL's decoders raise on corrupt or truncated data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
@@ -53,24 +57,37 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = WHITE,
 ) -> Image.Image:
-    """Open a path or PIL image as an upright 8-bit RGB image whose long side is at most `max_side`.
+    """Open any `ImageSource` as an upright 8-bit RGB image whose long side is at most `max_side`.
 
-    A PIL image passed in is never modified; the result is always a new image.
-    Raises ImageInputError for a missing, unreadable, corrupt, truncated or oversized file.
+    A PIL image or array passed in is never modified; the result is always a new image.
+    Raises ImageInputError for a missing, unreadable, corrupt, truncated or oversized file, an array that is
+    not an image, or a source of another type.
     """
     if max_side < 1:
         raise ValueError(f"max_side must be positive, got {max_side}")
     if isinstance(source, Image.Image):
         return _normalise(source, describe(source), max_side, max_pixels, background, draft=False)
+    if isinstance(source, np.ndarray):
+        return _normalise(_from_array(source), describe(source), max_side, max_pixels, background, draft=False)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _open(io.BytesIO(bytes(source)), describe(source), max_side, max_pixels, background)
+    if hasattr(source, "read"):
+        return _open(source, describe(source), max_side, max_pixels, background)
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"load_image expects a path or a PIL image, got {type(source).__name__}")
+        raise ImageInputError(f"{describe(source)}: not an image source; pass a path, a PIL image, a numpy array, "
+                              "file bytes or a binary file object")  # fmt: skip
     path = Path(source)
-    name = str(path)
+    return _open(path, str(path), max_side, max_pixels, background)
+
+
+def _open(source, name: str, max_side: int, max_pixels: int, background: tuple[int, int, int]) -> Image.Image:
+    """Image.open on a path or a binary buffer, every failure an ImageInputError naming `name`."""
+    path = source if isinstance(source, Path) else None
     try:
         with warnings.catch_warnings():
             # We apply our own, configurable size limit below; PIL's hard limit still raises.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(path)
+            opened = Image.open(source)
     except FileNotFoundError:
         raise ImageInputError(f"{name}: no such file") from None
     except IsADirectoryError:
@@ -78,6 +95,8 @@ def load_image(
     except PermissionError:
         raise ImageInputError(f"{name}: permission denied") from None
     except UnidentifiedImageError:
+        if path is None:
+            raise ImageInputError(f"{name}: not an image file PIL can read (unknown or corrupt header)") from None
         raise ImageInputError(_not_an_image_message(path)) from None
     except Image.DecompressionBombError as error:
         raise ImageInputError(f"{name}: refused as a possible decompression bomb ({error})") from None
@@ -87,10 +106,43 @@ def load_image(
         return _normalise(opened, name, max_side, max_pixels, background, draft=True)
 
 
-def describe(image: Image.Image) -> str:
-    """A short name for an image in error messages: its file name, else its mode and size."""
-    filename = getattr(image, "filename", "")
-    return str(filename) if filename else f"<{image.mode} image {image.width}x{image.height}>"
+def describe(image) -> str:
+    """A short name for an image source in messages: a path, a PIL image's file name or mode and size, an
+    array's shape and dtype, the length of file bytes, a file object's name."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, Image.Image):
+        filename = getattr(image, "filename", "")
+        return str(filename) if filename else f"<{image.mode} image {image.width}x{image.height}>"
+    if isinstance(image, np.ndarray):
+        return f"<array {'x'.join(map(str, image.shape))} {image.dtype}>"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"<{len(bytes(image)):,} bytes>"
+    name = getattr(image, "name", None)
+    return str(name) if isinstance(name, str) else f"<{type(image).__name__}>"
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """H x W or H x W x 1/3/4 arrays: uint8 as is, uint16 / 257, bool x 255, floats read as [0, 1]."""
+    name = describe(array)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))) or 0 in array.shape:
+        raise ImageInputError(f"{name}: an image array is H x W or H x W x 1, 3 or 4 (channels last)")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = np.rint(array / 257.0).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageInputError(f"{name}: holds NaN or infinite values")
+        if array.min() < 0 or array.max() > 1:
+            raise ImageInputError(f"{name}: float arrays are read as values in [0, 1], this one spans "
+                                  f"[{array.min():g}, {array.max():g}] (divide 0-255 values by 255)")  # fmt: skip
+        array = np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ImageInputError(f"{name}: dtype {array.dtype} is not an image's (uint8, uint16, bool or float in [0, 1])")
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def to_rgb(image: Image.Image, *, background: tuple[int, int, int] = WHITE) -> Image.Image:
