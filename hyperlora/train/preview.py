@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..conditioning.faces import cosine_similarity
 from .config import RunConfig, load_preset, resolve
 from .loop import DONE_FILE
 
@@ -82,7 +83,7 @@ def _cosine(a, b) -> float | None:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if np.isnan(a).any() or np.isnan(b).any():
         return None  # no face found
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return cosine_similarity(a, b)
 
 
 def validation_grid(checkpoints: list[tuple[str, str | Path]], *, toy_dir: str | Path = "data/toy", num_people: int = 4,
