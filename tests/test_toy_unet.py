@@ -74,6 +74,35 @@ def test_smoke_training_writes_a_unet_that_reloads_with_its_config(unet_dir):
     assert card["sources"] == {"clip": "random stand-in", "vae": "random stand-in"}
 
 
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_unet_training_resumes_bit_for_bit_and_continues_from_a_trained_unet(tmp_path):
+    config = UNetTrainConfig.smoke(**{**FAST, "steps": 4, "checkpoint_every": 2, "ema_decay": 0.9})
+    whole = train_unet(config, tmp_path / "whole", progress=False)
+    assert (whole / "checkpoints" / "step-2" / "step.json").is_file()
+    # a run killed after its step-2 checkpoint: resuming redoes steps 3-4 with the same batches, noise and EMA
+    interrupted = tmp_path / "interrupted"
+    train_unet(config, interrupted, progress=False)
+    (interrupted / "diffusion_pytorch_model.safetensors").unlink()
+    train_unet(config, interrupted, progress=False, resume=True)
+    ours, theirs = _weights(whole), _weights(interrupted)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "resumed run differs from the uninterrupted one"
+    curves = [[(p["step"], p["loss"]) for p in json.loads((d / LOSSES_FILE).read_text())] for d in (whole, interrupted)]
+    assert curves[0] == curves[1], "the resumed run's loss curve must continue the checkpoint's"
+    # init_from: a longer-trained UNet starts from the trained weights, not from a random init
+    more = train_unet(UNetTrainConfig.smoke(**{**FAST, "steps": 1, "lr": 0.0, "init_from": str(whole)}),
+                      tmp_path / "more", progress=False)  # fmt: skip
+    again = _weights(more)
+    assert all(torch.equal(ours[k], again[k]) for k in ours), "lr 0 from init_from must keep the trained weights"
+    with pytest.raises(ValueError, match="differs from this config"):
+        train_unet(UNetTrainConfig.smoke(**{**FAST, "block_out_channels": (32, 64, 64), "init_from": str(whole)}),
+                   tmp_path / "wrong", progress=False)  # fmt: skip
+
+
 def test_unknown_config_keys_raise():
     with pytest.raises(ValueError, match="unknown UNetTrainConfig keys"):
         UNetTrainConfig.from_dict({"steps": 3, "stepz": 4})

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..config import strict_from_dict
 from ..diffusion import noisy_inputs, snr_weights
 from ..targets import find_targets
+from ..train.resume import GeneratorState, latest_checkpoint, save_checkpoint
 from .cards import read_model_card, write_model_card
 from .data import ToyPortraits, render_arrays, to_tensor
 from .identity import nonsense_prefix, split_identities
@@ -95,6 +96,10 @@ class UNetTrainConfig:
     seed: int = 0  # global seed: init, batches, noise, caption dropout
     log_every: int = 50  # steps per loss-curve point and log line
     mixed_precision: str = "no"  # accelerate's setting: "no", "fp16", "bf16"
+    init_from: str = ""  # a trained UNet folder (same architecture) to continue from, with a fresh optimiser and
+    # schedule (a longer-trained UNet without redoing the first run); "": random initialisation
+    checkpoint_every: int = 500  # steps between resumable checkpoints in <out>/checkpoints (0: none)
+    keep_checkpoints: int = 2  # newest checkpoints kept
 
     @classmethod
     def smoke(cls, **overrides) -> UNetTrainConfig:
@@ -234,7 +239,20 @@ def training_state(unet: UNet2DConditionModel, config: UNetTrainConfig, accelera
     ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type=config.prediction_type)
     generator = torch.Generator().manual_seed(config.seed)
+    accelerator.register_for_checkpointing(GeneratorState(generator))
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     return unet, TrainState(accelerator, optimizer, schedule, ema, noise_scheduler, generator)
+
+
+def load_init(unet: UNet2DConditionModel, folder: str | Path) -> None:
+    """Copy a trained UNet's weights into `unet`; a different architecture raises, naming what differs."""
+    trained = UNet2DConditionModel.from_pretrained(folder)
+    ours, theirs = unet.state_dict(), trained.state_dict()
+    differ = sorted(set(ours) ^ set(theirs)) + [k for k in ours if k in theirs and ours[k].shape != theirs[k].shape]
+    if differ:
+        raise ValueError(f"{folder}: its UNet differs from this config's in {len(differ)} tensors, e.g. {differ[:3]}")
+    unet.load_state_dict(theirs)
 
 
 def train_step(unet, cache: TrainingCache, state: TrainState, config: UNetTrainConfig) -> torch.Tensor:
@@ -255,10 +273,11 @@ def train_step(unet, cache: TrainingCache, state: TrainState, config: UNetTrainC
 
 
 def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae_path=None, *,
-               progress: bool = True) -> Path:  # fmt: skip
+               progress: bool = True, resume: bool = False) -> Path:  # fmt: skip
     """Train the toy UNet against the frozen toy CLIP and VAE (random stand-ins where None); returns out_dir.
 
-    out_dir gets the diffusers UNet (config.json + safetensors), model_card.json + README.md and losses.json.
+    out_dir gets the diffusers UNet (config.json + safetensors), model_card.json + README.md and losses.json,
+    and while training `checkpoints/step-N`; `resume=True` continues from the newest bit for bit.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,11 +292,20 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae
     n_params = sum(p.numel() for p in unet.parameters())
     logger.info("UNet: %.2f M parameters, %d images, %d steps at batch %d", n_params / 1e6, len(cache), config.steps,
                 config.batch_size)  # fmt: skip
+    if config.init_from:
+        load_init(unet, config.init_from)
     unet, state = training_state(unet, config, accelerator)
-    curve, window, start = [], [], time.perf_counter()
+    curve, window, start, first = [], [], time.perf_counter(), 1
+    latest = latest_checkpoint(out_dir) if resume else None
+    if latest is not None:
+        accelerator.load_state(str(latest[0]))
+        curve = json.loads((latest[0] / LOSSES_FILE).read_text())
+        first = latest[1] + 1
+        logger.info("resumed %s at step %d", out_dir, latest[1])
     unet.train()
     quiet = not progress or not accelerator.is_main_process
-    bar = tqdm(range(1, config.steps + 1), desc="training UNet", disable=quiet)
+    bar = tqdm(range(first, config.steps + 1), initial=first - 1, total=config.steps, desc="training UNet",
+               disable=quiet)  # fmt: skip
     for step in bar:
         loss = train_step(unet, cache, state, config)
         window.append(loss.item())
@@ -287,6 +315,9 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae
             logger.info("step %d/%d loss %.4f (%.2f steps/s)", step, config.steps, curve[-1]["loss"], step / elapsed)
             bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
             window = []
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            save_checkpoint(accelerator, out_dir, step, config.keep_checkpoints)
+            (out_dir / "checkpoints" / f"step-{step}" / LOSSES_FILE).write_text(json.dumps(curve) + "\n")
     seconds = time.perf_counter() - start
     unet = accelerator.unwrap_model(unet)
     if state.ema is not None:

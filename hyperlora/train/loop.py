@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint
+from ..checkpoint import save_checkpoint as save_hyperlora
 from ..hypernet import HyperLoRA
 from ..targets import find_targets
 from ..toy.cards import git_commit
@@ -39,6 +39,7 @@ from .config import RunConfig
 from .data import TRAINING_SET_FILE, TrainingSet, fixed_batch, sample_batch, step_seed
 from .losses import LoRAGenerator, reference_gap, stage_loss
 from .params import select_trainable, zero_new_paths
+from .resume import latest_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -96,21 +97,6 @@ def build_model(config: RunConfig, unet, init: Path | None) -> HyperLoRA:
         diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
         raise ValueError(f"{init}: its hypernetwork differs from this run's (checkpoint, run): {diff}")
     return model
-
-
-def _latest_checkpoint(out: Path) -> tuple[Path, int] | None:
-    found = sorted((int(p.name.split("-")[1]), p) for p in (out / "checkpoints").glob("step-*") if (p / "step.json").is_file())
-    return (found[-1][1], found[-1][0]) if found else None
-
-
-def _save_state(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
-    folder = out / "checkpoints" / f"step-{step}"
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        (folder / "step.json").write_text(json.dumps({"step": step}) + "\n")  # written last: the state is complete
-        for old in sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def _truncate_logs(out: Path, step: int) -> None:
@@ -212,7 +198,7 @@ def train_stage(config: RunConfig, out_dir: str | Path, *, init: str | Path | No
                 cache_dir: str | Path | None = None, progress: bool = True, command: list[str] | None = None) -> Path:  # fmt: skip
     """Train one stage into `out_dir` (see the module docstring); returns `out_dir / "model"`."""
     run, stage, out = config.run, config.stage, Path(out_dir)
-    latest = _latest_checkpoint(out) if resume else None
+    latest = latest_checkpoint(out) if resume else None
     if not resume and (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     cache_dir = cache_dir or run.cache_dir or out.parent / "cache"
@@ -251,7 +237,7 @@ def train_stage(config: RunConfig, out_dir: str | Path, *, init: str | Path | No
             with open(out / "val.jsonl", "a") as f:
                 f.write(json.dumps({"step": done, **gap}) + "\n")
         if done % run.checkpoint_every == 0 or done == stage.steps:
-            _save_state(accelerator, out, done, run.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, run.keep_checkpoints)
     if log is not None:
         log.close()
     return _export(trainer, out, time.perf_counter() - began, start, init)
@@ -270,8 +256,8 @@ def _export(trainer: Trainer, out: Path, seconds: float, start: int, init) -> Pa
     if accelerator.is_main_process:
         extra = {"run_config": config.to_dict(), "git_commit": git_commit(), "init": str(init) if init else None,
                  "stage": config.stage.stage, "steps": config.stage.steps}  # fmt: skip
-        save_checkpoint(model, out / "model", extra=extra)
-        save_checkpoint(model, out / "hyperlora", dtype=getattr(torch, config.run.export_dtype), extra=extra)
+        save_hyperlora(model, out / "model", extra=extra)
+        save_hyperlora(model, out / "hyperlora", dtype=getattr(torch, config.run.export_dtype), extra=extra)
         done = {"stage": config.stage.stage, "steps": config.stage.steps, "seconds_this_session": round(seconds, 1),
                 "resumed_from_step": start}  # fmt: skip
         (out / DONE_FILE).write_text(json.dumps(done, indent=2) + "\n")
