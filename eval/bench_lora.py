@@ -58,20 +58,53 @@ def lora_flop_share(name: str, rank_total: int = 12) -> tuple[float, float]:
     return total / 1e12, lora / total
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_ms(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
 def _time(fn, inputs) -> float:
+    _sync()
     start = time.perf_counter()
     with torch.no_grad():
         fn(**inputs)
+    _sync()
     return time.perf_counter() - start
+
+
+def fused_and_runtime_ratios(unet, loras: list, scales: list, inputs: dict, repeats: int) -> tuple[float, dict]:
+    """(median seconds of a base UNet call, {variant: median ratio to the base call of the same round}) for the
+    runtime LoRA (`functional_lora` hooks) and the LoRA fused in place (`InPlaceFusion`, restored every round)."""
+    fusion = InPlaceFusion(unet)
+
+    def runtime(**kw):
+        with functional_lora(unet, loras, scales):
+            return unet(**kw)
+
+    for fn in (unet, runtime):  # warm-up
+        _time(fn, inputs)
+    base_times, ratios = [], {"runtime (hooks)": [], "fused in place": []}
+    for _ in range(repeats):
+        base_times.append(_time(unet, inputs))
+        ratios["runtime (hooks)"].append(_time(runtime, inputs) / base_times[-1])
+        fusion.fuse(loras, scales)
+        try:
+            ratios["fused in place"].append(_time(unet, inputs) / base_times[-1])
+        finally:
+            fusion.restore()
+    return statistics.median(base_times), {k: statistics.median(v) for k, v in ratios.items()}
 
 
 def bench_unet(name: str, repeats: int) -> dict:
@@ -148,23 +181,11 @@ def bench_sdxl(latent: int, repeats: int) -> dict:
         loras[branch] = LoRAWeights(layers, rank, rank / 2)
     inputs = unet_inputs(unet, batch=2)
     inputs["encoder_hidden_states"] = torch.randn(2, 77, 2048)
-
-    def runtime(**kw):
-        with functional_lora(unet, [loras["id"], loras["base"]], [0.85, 0.25]):
-            return unet(**kw)
-
     fusion = InPlaceFusion(unet)
     fuse_ms = _median_ms(lambda: fusion.fuse([loras["id"], loras["base"]], [0.85, 0.25]), repeats=1)
-    fused_time = [_time(unet, inputs) for _ in range(repeats)]
     fusion.restore()
-    ratios = {"runtime (hooks)": [], "fused in place": []}
-    base_times = []
-    for i in range(repeats):
-        base_times.append(_time(unet, inputs))
-        ratios["runtime (hooks)"].append(_time(runtime, inputs) / base_times[-1])
-        ratios["fused in place"].append(fused_time[i] / base_times[-1])
-    return {"base_s": statistics.median(base_times), "ratios": {k: statistics.median(v) for k, v in ratios.items()},
-            "lora_to_in_place_ms": fuse_ms, "modules": len(targets)}  # fmt: skip
+    base_s, ratios = fused_and_runtime_ratios(unet, [loras["id"], loras["base"]], [0.85, 0.25], inputs, repeats)
+    return {"base_s": base_s, "ratios": ratios, "lora_to_in_place_ms": fuse_ms, "modules": len(targets)}
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm  # text bars, also inside a notebook: papermill streams them to the main job's terminal
 
 from . import metrics
 from hyperlora.toy.identity import LOOK_ATTRIBUTES, split_identities
@@ -327,16 +328,22 @@ def _write_config(config: EvalConfig, out: Path, labels: dict) -> None:
     (out / "config.json").write_text(json.dumps(values, indent=2) + "\n")
 
 
-def _evaluate_identity(world, methods: dict, identity: dict, config: EvalConfig, out: Path) -> tuple[list, list]:
+def _evaluate_identity(world, methods: dict, identity: dict, config: EvalConfig, out: Path,
+                       progress: bool = True) -> tuple[list, list]:  # fmt: skip
     """Every method variant on one identity: (per-image records, per-variant personalisation timings)."""
     records, timings, prompts = [], [], config.selected_prompts()
     seeds = {p: [eval_seed(config.seed, identity["id"], p, s) for s in range(config.seeds_per_prompt)]
              for p, _ in prompts}  # fmt: skip
-    baseline = {p: world.generate(prompt.text, seeds[p]) for p, prompt in prompts}  # same seeds, no LoRA
+
+    def bar(what: str):
+        return tqdm(prompts, desc=f"  identity {identity['id']}: {what}", unit="prompt", leave=False,
+                    disable=not progress, mininterval=2)  # fmt: skip
+
+    baseline = {p: world.generate(prompt.text, seeds[p]) for p, prompt in bar("base model")}  # same seeds, no LoRA
     for name, method in methods.items():
         for variant, timing, generate in method.variants(identity):
             timings.append({"variant": variant, "identity": identity["id"], **timing})
-            for p, prompt in prompts:
+            for p, prompt in bar(variant):
                 start = time.perf_counter()
                 images = baseline[p] if generate is None else generate(prompt, seeds[p])
                 ms = 1000 * (time.perf_counter() - start) / len(images)
@@ -356,8 +363,11 @@ def _evaluate_identity(world, methods: dict, identity: dict, config: EvalConfig,
     return records, timings
 
 
-def run_evaluation(config: EvalConfig, out_dir: str | Path) -> dict:
-    """Run the protocol and write config.json, records.jsonl, summary.json/.csv and grids into out_dir."""
+def run_evaluation(config: EvalConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Run the protocol and write config.json, records.jsonl, summary.json/.csv and grids into out_dir.
+
+    progress: tqdm bars on stderr, one over identities and one per method variant over the prompts.
+    """
     from .baselines import make_method
 
     out = Path(out_dir)
@@ -368,10 +378,11 @@ def run_evaluation(config: EvalConfig, out_dir: str | Path) -> dict:
     _write_config(config, out, {"world": world.label} | {name: m.label for name, m in methods.items()})
     records, timings, identities = [], [], []
     with torch.no_grad():  # DreamBooth turns gradients on for its own steps
-        for index in range(config.num_identities):
+        for index in tqdm(range(config.num_identities), desc=f"evaluation ({config.methods})", unit="identity",
+                          disable=not progress):  # fmt: skip
             identity = world.identity(index)
             identities.append(identity)
-            r, t = _evaluate_identity(world, methods, identity, config, out)
+            r, t = _evaluate_identity(world, methods, identity, config, out, progress)
             records += r
             timings += t
     with open(out / "records.jsonl", "w") as f:

@@ -39,7 +39,14 @@ from PIL import Image
 
 from hyperlora.conditioning.faces import choose_face
 from hyperlora.conditioning.images import load_image
-from hyperlora.worlds.sdxl import CLIP_VISION_HIDDEN, NEGATIVE_PROMPT, SDXL_UNET_CONFIG, TINY_UNET_CONFIG
+from hyperlora.worlds.sdxl import (
+    CLIP_VISION_HIDDEN,
+    NEGATIVE_PROMPT,
+    SDXL_UNET_CONFIG,
+    TINY_UNET_CONFIG,
+    load_sdxl_pipeline,
+    same_architecture,
+)
 
 from .prompts import Prompt
 
@@ -112,16 +119,6 @@ def box_mask(bbox, left: int, top: int, scale: float, size: int) -> np.ndarray:
     return mask
 
 
-def same_architecture(config, reference: dict) -> bool:
-    """Whether a diffusers config has every value of `reference` but sample_size (a default image size, not
-    architecture); lists and tuples compare equal."""
-
-    def plain(value):
-        return list(value) if isinstance(value, (list, tuple)) else value
-
-    return all(plain(config.get(k)) == plain(v) for k, v in reference.items() if k != "sample_size")
-
-
 class SDXLWorld:
     """A diffusers SDXL pipeline, CLIP ViT-L/14 (judge and image encoder) and the identities in `config.references`."""
 
@@ -132,8 +129,6 @@ class SDXLWorld:
     attribute_judge = None  # sdxl: no zero-shot look classifier (the attributes it would judge are toy-only)
 
     def __init__(self, config):
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
-
         from hyperlora.conditioning.backends import make_face_analyzer
 
         from .extractors import ClipExtractor, FaceEmbeddingExtractor, LPIPSModel
@@ -143,11 +138,8 @@ class SDXLWorld:
         self.identities = scan_references(config.references, num_identities=config.num_identities,
                                           num_references=config.num_references,
                                           held_out="renders" in methods)  # fmt: skip
-        self.pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, local_files_only=True, dtype=config.torch_dtype)
-        self.pipe.to(config.device)
-        self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-            self.pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
-        )  # DPM++ 2M Karras, the official workflows' sampler, on the model's own noise schedule
+        # DPM++ 2M Karras, the official workflows' sampler, on the model's own noise schedule
+        self.pipe = load_sdxl_pipeline(sdxl, dtype=config.torch_dtype, device=config.device)
         self.pipe.set_progress_bar_config(disable=True)
         if config.size == TOY_DEFAULT_SIZE:  # left at its (toy) default: the pipeline's own size
             config = dataclasses.replace(config, size=self.pipe.default_sample_size * self.pipe.vae_scale_factor)

@@ -23,6 +23,11 @@ from .targets import LAYER_KEYS, TargetModule
 BRANCHES = ("id", "base")
 
 
+def _like(features: torch.Tensor | None, parameter: torch.Tensor) -> torch.Tensor | None:
+    """Features cast to a part's dtype and device at the boundary (float32 CLIP tokens into an fp16 checkpoint)."""
+    return None if features is None else features.to(parameter.device, parameter.dtype)
+
+
 class Reshape(nn.Module):
     """[N, num_tokens * dim] -> [N, num_tokens, dim] (step 1 of the ID projector, no parameters)."""
 
@@ -143,7 +148,9 @@ class HyperLoRA(nn.Module):
         if arcface is not None:
             if arcface.ndim == 3:  # the release passes [N, 1, 512]
                 arcface = arcface.squeeze(1)
-            id_tokens = self.id_projector(arcface.to(self.id_projector[0].weight.dtype))
+            id_tokens = self.id_projector(_like(arcface, self.id_projector[0].weight))
+        clip = _like(clip, self.resampler.latents)
+        id_tokens = _like(id_tokens, self.resampler.latents)
         if self.config.n_conds == 2:
             return self.resampler(x=id_tokens, y=clip, num_refs=num_refs)
         return self.resampler(x=id_tokens if id_tokens is not None else clip, num_refs=num_refs)
@@ -152,7 +159,7 @@ class HyperLoRA(nn.Module):
         """CLIP tokens of the face-blurred image [N, T, dim] -> Base coefficients [N / num_refs, Q, K]."""
         if not self.config.has_base_lora:
             raise ValueError("this HyperLoRA has no Base-LoRA branch (config.has_base_lora is False)")
-        return self.base_resampler(x=clip_blurred, num_refs=num_refs)
+        return self.base_resampler(x=_like(clip_blurred, self.base_resampler.latents), num_refs=num_refs)
 
     # --- assembly -----------------------------------------------------------------------------
 

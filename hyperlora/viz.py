@@ -1,4 +1,4 @@
-"""Figures for the notebooks: how coefficients become a LoRA, and how the scales move the UNet."""
+"""Figures: how coefficients become a LoRA, how the scales move the UNet, and the contact sheet of a generation."""
 
 from __future__ import annotations
 
@@ -61,3 +61,40 @@ def plot_scale_sweep(values: np.ndarray, id_scales, base_scales, title: str = "U
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def contact_sheet(references: list, boxes: list, rows: list[list], *, row_labels: list[str] | None = None,
+                  tile: int = 128, title: str = ""):  # fmt: skip
+    """references (the chosen face boxed in green; None box: skipped, crossed out in red) | generations, a row each.
+
+    references: PIL images; boxes: (x0, y0, x1, y1) in each reference's pixels, or None; rows: lists of PIL images.
+    Returns one RGB PIL image.
+    """
+    from PIL import Image, ImageDraw
+
+    gap, label_h = tile // 8, 14
+    columns = max((len(r) for r in rows), default=0)
+    height = label_h + max(len(references), len(rows), 1) * (tile + label_h)
+    sheet = Image.new("RGB", (tile + gap + columns * tile, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((2, 1), title, fill="black")
+    for i, (image, box) in enumerate(zip(references, boxes)):
+        scale = tile / max(image.size)
+        thumb = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        top = label_h + i * (tile + label_h) + label_h
+        sheet.paste(thumb, (0, top))
+        if box is None:
+            draw.line((0, top, thumb.width, top + thumb.height), fill="red", width=3)
+            draw.line((0, top + thumb.height, thumb.width, top), fill="red", width=3)
+            draw.text((2, top - label_h), f"ref {i}: skipped", fill="red")
+            continue
+        x0, y0, x1, y1 = (float(v) * scale for v in box)
+        draw.rectangle((x0, top + y0, x1, top + y1), outline=(0, 200, 0), width=2)
+        draw.text((2, top - label_h), f"ref {i}", fill="black")
+    for r, row in enumerate(rows):
+        top = label_h + r * (tile + label_h) + label_h
+        if row_labels:
+            draw.text((tile + gap, top - label_h), row_labels[r][: columns * tile // 6], fill="black")
+        for c, image in enumerate(row):
+            sheet.paste(image.convert("RGB").resize((tile, tile)), (tile + gap + c * tile, top))
+    return sheet

@@ -1,3 +1,6 @@
+import io
+
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -7,7 +10,7 @@ from hyperlora.conditioning import DlibAnalyzer, load_image
 from hyperlora.conditioning.cache import FeatureCache, build_feature_cache, image_hash
 from hyperlora.conditioning.clip_features import ClipImageEncoder
 from hyperlora.conditioning.faces import ModelFilesMissingError
-from hyperlora.conditioning.references import Conditioner, NoUsableReferenceError
+from hyperlora.conditioning.references import Conditioner, NoUsableReferenceError, ReferencePhotoWarning
 from hyperlora.worlds.sdxl import build_unet
 
 from .test_conditioning_faces import package_file
@@ -51,9 +54,13 @@ def test_missing_clip_files_are_named(tmp_path):
 def test_references_end_to_end_into_a_hypernetwork(conditioner, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
-    features = conditioner([str(GRACE), str(bad), str(ASTRONAUT)])
+    with pytest.warns(ReferencePhotoWarning) as caught:
+        features = conditioner([str(GRACE), str(bad), str(ASTRONAUT)])
     assert features.sources == [str(GRACE), str(ASTRONAUT)]
-    assert list(features.failures) == [str(bad)] and "notes.jpg" in features.failures[str(bad)]
+    assert features.failures == {str(bad): "not an image file PIL can read (12 bytes, unknown or corrupt header)"}
+    shown = [str(w.message) for w in caught]
+    assert shown[0] == f"skipping reference {bad}: {features.failures[str(bad)]}", "the path once, then the reason"
+    assert shown[1:] == features.warnings and "astronaut.png: the face is only 88 px" in features.warnings[0]
     assert features.arcface.shape == (2, 128) and features.clip.shape == (2, 257, 32)
     assert features.clip_blurred.shape == (2, 257, 32)
     torch.testing.assert_close(features.arcface.norm(dim=-1), torch.ones(2))
@@ -64,11 +71,30 @@ def test_references_end_to_end_into_a_hypernetwork(conditioner, tmp_path):
     assert loras["id"].batch_size == 1 and loras["base"].batch_size == 1
 
 
-def test_all_references_failing_lists_every_reason(conditioner, tmp_path):
+def test_all_references_failing_lists_every_reason_once(conditioner, tmp_path):
     blank = tmp_path / "blank.png"
     load_image(GRACE).point(lambda _: 128).save(blank)
-    with pytest.raises(NoUsableReferenceError, match=r"(?s)none of the 2 .*blank.png.*missing.png"):
-        conditioner([str(blank), str(tmp_path / "missing.png")])
+    missing = tmp_path / "missing.png"
+    with pytest.raises(NoUsableReferenceError, match=r"(?s)none of the 2 .*blank.png.*missing.png") as error:
+        conditioner([str(blank), str(missing)])
+    lines = str(error.value).splitlines()
+    assert lines[2] == f"  {missing}: no such file", "the path is not repeated"
+    assert lines[1].startswith(f"  {blank}: no face found (dlib HOG") and lines[1].count("blank.png") == 1
+    assert "nearly uniform" in lines[1], "says what was seen"
+
+
+def test_arrays_bytes_and_file_objects_are_references(conditioner):
+    photo = load_image(GRACE)
+    encoded = io.BytesIO()
+    photo.save(encoded, format="PNG")
+    with GRACE.open("rb") as handle:
+        features = conditioner([np.asarray(photo), encoded.getvalue(), handle, photo])
+    assert features.sources == ["image 0 (<array 600x512x3 uint8>)", f"image 1 (<{len(encoded.getvalue()):,} bytes>)",
+                                f"image 2 ({GRACE})", "image 3 (<RGB image 512x600>)"]  # fmt: skip
+    assert len(set(features.hashes)) == 1, "the same pixels, however they came"
+    torch.testing.assert_close(features.arcface[1:], features.arcface[:1].expand(3, -1))
+    with pytest.raises(NoUsableReferenceError, match=r"image 0 \(<array 3x4 float64>\): float arrays are read as "):
+        conditioner([np.full((3, 4), 7.0)])
 
 
 def test_feature_cache_round_trips_by_image_hash(tmp_path):

@@ -1,13 +1,19 @@
+import numpy as np
 import pytest
 import torch
+from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+from PIL import Image
 from safetensors import safe_open
 
 from hyperlora import HyperLoRA, find_targets, preset
+from hyperlora.checkpoint import load_checkpoint, save_checkpoint
 from hyperlora.conditioning import DlibAnalyzer
 from hyperlora.conditioning.clip_features import ClipImageEncoder
 from hyperlora.conditioning.references import Conditioner
-from hyperlora.pipeline import PersonalizedPipeline, with_trigger
+from hyperlora.pipeline import HyperLoRAPipeline, PersonalizedPipeline, with_controlnet, with_trigger
+from hyperlora.worlds.sdxl import NEGATIVE_PROMPT, write_standins
 
+from .conftest import reference_features
 from .test_conditioning_references import GRACE, clip_dir  # noqa: F401 - fixture
 
 
@@ -44,3 +50,71 @@ def test_personalize_generate_reset_and_save(personalized, tmp_path):
     torch.testing.assert_close(generate(personalized), personal, rtol=1e-3, atol=1e-4)
     personalized.reset()
     torch.testing.assert_close(generate(personalized.pipe), base, rtol=0, atol=0)
+
+
+def test_references_may_be_paths_pil_images_arrays_or_bytes(personalized):
+    """The same photo in four forms gives the same identity hash and exactly the same LoRA."""
+    image = Image.open(GRACE).convert("RGB")
+    results = [personalized.personalize([source]) for source in (str(GRACE), image, np.asarray(image),
+                                                                  GRACE.read_bytes())]  # fmt: skip
+    for result in results[1:]:
+        assert result.source_hash == results[0].source_hash
+        for path, (down, up) in result.loras["id"].layers.items():
+            torch.testing.assert_close(down, results[0].loras["id"].layers[path][0], rtol=0, atol=0)
+            torch.testing.assert_close(up, results[0].loras["id"].layers[path][1], rtol=0, atol=0)
+    assert results[0].skipped == {} and isinstance(results[0].warnings, list)
+
+
+def test_a_float16_checkpoint_takes_float32_features(personalized, tmp_path):
+    """fp16 basis and resampler, fp32 CLIP and ArcFace features: cast at the hypernetwork's boundary."""
+    save_checkpoint(personalized.hyperlora, tmp_path / "fp16", dtype=torch.float16)
+    half = load_checkpoint(tmp_path / "fp16")
+    assert next(half.resampler.parameters()).dtype == torch.float16
+    features = reference_features(half, 2)
+    loras = half.generate(**features, num_refs=2)  # raised "mat1 and mat2 must have the same dtype" before
+    full = personalized.hyperlora.generate(**features, num_refs=2)
+    path = next(iter(full["id"].layers))
+    torch.testing.assert_close(loras["id"].layers[path][0].float(), full["id"].layers[path][0], rtol=2e-2, atol=2e-2)
+    result = HyperLoRAPipeline(personalized.pipe, half, personalized.conditioner).personalize([str(GRACE)])
+    assert result.loras["id"].batch_size == 1
+
+
+def test_a_controlnet_pipeline_is_personalised_and_restored(personalized):
+    control = ControlNetModel.from_unet(personalized.pipe.unet, conditioning_embedding_out_channels=(16, 32))  # f = 2
+    pipe = with_controlnet(personalized.pipe, control)
+    assert isinstance(pipe, StableDiffusionXLControlNetPipeline)
+    wrapped = HyperLoRAPipeline(pipe, personalized.hyperlora, personalized.conditioner)
+    edges = Image.fromarray((np.indices((64, 64)).sum(0) % 8 < 4).astype(np.uint8) * 255).convert("RGB")
+
+    def generate(fn):
+        return fn("a portrait", image=edges, num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    base = generate(pipe)
+    wrapped.personalize([str(GRACE)])
+    assert (generate(wrapped) - base).abs().max() > 1e-3, "the LoRA reaches the ControlNet pipeline's UNet"
+    wrapped.reset()
+    torch.testing.assert_close(generate(pipe), base, rtol=0, atol=0)
+
+
+def test_from_pretrained_assembles_the_sdxl_world_with_official_defaults(tmp_path):
+    """Stand-in folders (tiny random pipeline, CLIP, checkpoint) through the same loaders as the real weights."""
+    pytest.importorskip("dlib")
+    paths = write_standins(tmp_path)
+    with pytest.raises(ValueError, match="antelopev2 needs --insightface-root"):
+        HyperLoRAPipeline.from_pretrained("sdxl", **paths)
+    pipe = HyperLoRAPipeline.from_pretrained("sdxl", face_backend="dlib", **paths)
+    assert pipe.defaults["negative_prompt"] == NEGATIVE_PROMPT and pipe.defaults["guidance_scale"] == 5.0
+    assert pipe.pipe.scheduler.config.use_karras_sigmas and pipe.pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert "NOISE" in pipe.label and "UNTRAINED" in pipe.label
+    pipe.personalize([str(GRACE)])
+    images = pipe("a portrait", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 64, 64, 3)
+
+
+def test_a_base_weight_without_a_base_lora_is_refused(personalized):
+    model = HyperLoRA(preset("tiny", id_embed_dim=128, has_base_lora=False), find_targets(personalized.pipe.unet))
+    release_like = HyperLoRAPipeline(personalized.pipe, model, personalized.conditioner)
+    with pytest.raises(ValueError, match="no Base-LoRA"):
+        release_like.personalize([str(GRACE)], base_scale=0.5)
+    assert release_like.current is None

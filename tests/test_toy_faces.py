@@ -1,15 +1,18 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from hyperlora.conditioning.faces import ModelFilesMissingError
+from hyperlora.conditioning.faces import ModelFilesMissingError, NoFaceError, SeveralFacesError, box_iou
 from hyperlora.toy.face_backend import ToyFaceAnalyzer
 from hyperlora.toy.face_detector import (
-    INPUT_SIZE, DetectorTrainConfig, FaceDetector, TinyDetector, faceless, positive_matrix, sample_batch, render_pool,
+    INPUT_SIZE, DegradeConfig, DetectorTrainConfig, FaceDetector, TinyDetector, degrade, faceless, positive_matrix,
+    sample_batch, render_pool,
 )
+from hyperlora.toy.face_scan import scan
 from hyperlora.toy.face_recognizer import RecognizerTrainConfig, arcface_logits, load_recognizer
 from hyperlora.toy.faces import FaceEvalConfig, evaluate_faces, load_weights, train_detector, train_recognizer
 from hyperlora.toy.render import render_sample, split_identities
@@ -133,3 +136,100 @@ def test_command_line_flags_are_config_fields(tmp_path):
     assert config["width"] == DetectorTrainConfig.smoke().width, "--smoke is the starting point"
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--detector.no_such_field", "1"])
+
+
+# ---------------------------------------------------------------- several faces: the shipped detector, scanned
+
+SHIPPED_FACES = Path(__file__).resolve().parents[1] / "data" / "toy" / "faces"
+shipped = pytest.mark.skipif(not (SHIPPED_FACES / "detector.onnx").is_file(), reason="toy face models not shipped")
+
+
+def two_up(size: int, *, square: bool = False, right_size: int | None = None):
+    """Two test-identity renders side by side (the right one at right_size, centred in height), optionally in the
+    middle band of a square grey canvas; returns the image and both true face boxes."""
+    people = split_identities("test")
+    left, right = render_sample(people[0], 0, seed=3, size=size), render_sample(people[1], 0, seed=3, size=right_size or size)
+    small = right.image.shape[0]
+    image = np.full((size, size + small, 3), 128, np.uint8)
+    top = (size - small) // 2
+    image[:, :size], image[top : top + small, size:] = left.image, right.image
+    boxes = [np.array(left.box), np.array(right.box) + [size, top, size, top]]
+    if square:
+        canvas = np.full((size + small, size + small, 3), 128, np.uint8)
+        shift = small // 2
+        canvas[shift : shift + size] = image
+        image, boxes = canvas, [box + [0, shift, 0, shift] for box in boxes]
+    return image, boxes
+
+
+@shipped
+@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("square", [False, True], ids=["wide", "square"])
+def test_two_faces_side_by_side_are_both_found(size, square):
+    image, truth = two_up(size, square=square)
+    analyzer = ToyFaceAnalyzer()
+    faces = analyzer.detect(Image.fromarray(image))
+    assert len(faces) == 2, [face.bbox.round() for face in faces]
+    for box in truth:
+        assert max(box_iou(face.bbox, box) for face in faces) > 0.6, f"true face {box.round()} not found"
+    assert len(ToyFaceAnalyzer(scan_windows=False).detect(Image.fromarray(image))) <= 1, "the detector alone"
+    whole = analyzer.detector.detect_batch([image])[0]
+    if square:  # the problem scanning solves: the whole image gives one confident box across both faces
+        assert whole.score > 0.5 and all(box_iou(whole.box, box) < 0.5 for box in truth)
+    else:  # or no face at all
+        assert whole.score < 0.5
+
+
+@shipped
+def test_two_faces_of_similar_size_are_refused_unless_picked_and_a_smaller_one_is_warned_about():
+    analyzer = ToyFaceAnalyzer()
+    image, truth = two_up(128)
+    with pytest.raises(SeveralFacesError, match=r"two.png: found 2 faces, 2 of similar size.*pass pick=<index>"):
+        analyzer.analyze_reference(Image.fromarray(image), name="two.png", min_face_size=16)
+    for pick in (0, 1):
+        face, warnings = analyzer.analyze_reference(Image.fromarray(image), pick=pick, name="two.png", min_face_size=16)
+        assert "two.png: found 2 faces (face 0: " in warnings[0] and f"using face {pick}" in warnings[0]
+    image, truth = two_up(128, right_size=64)
+    face, warnings = analyzer.analyze_reference(Image.fromarray(image), name="pair.png", min_face_size=16)
+    assert box_iou(face.bbox, truth[0]) > 0.6, "the largest face"
+    assert len(warnings) == 1 and warnings[0].startswith("pair.png: found 2 faces (face ")
+    assert "using face" in warnings[0] and "chosen by pick='largest'" in warnings[0]
+
+
+@shipped
+def test_scanning_leaves_single_face_renders_exactly_as_the_detector_sees_them():
+    detector = FaceDetector(SHIPPED_FACES / "detector.onnx")
+    rng = np.random.default_rng(0)
+    for k, person in enumerate(split_identities("val")[:36]):
+        image = render_sample(person, k, seed=5, size=(64, 128, 256)[k % 3]).image
+        image = degrade(image, rng, DegradeConfig()) if k % 2 else image
+        (alone,) = detector.detect(image)
+        found = scan(detector, image, threshold=0.5)
+        assert len(found.faces) == 1 and found.faces[0] is not None
+        np.testing.assert_array_equal(found.faces[0].box, alone.box)
+
+
+@shipped
+def test_no_face_message_says_what_the_detector_saw():
+    painted = faceless(render_sample(split_identities("test")[0], 0, seed=3, size=128))
+    with pytest.raises(NoFaceError, match=r"wall.png: no face found \(the toy ONNX detector on the image and on square "
+                                          r"windows.*best face score on the whole image is 0.0\d.*crop it to one whole "
+                                          r"face"):  # fmt: skip
+        ToyFaceAnalyzer().analyze_reference(Image.fromarray(painted), name="wall.png")
+
+
+@shipped
+def test_a_two_person_reference_is_skipped_with_its_reason_and_used_when_picked():
+    from hyperlora.conditioning.clip_features import ClipImageEncoder
+    from hyperlora.conditioning.references import Conditioner, ReferencePhotoWarning
+
+    clip = ClipImageEncoder(SHIPPED_FACES.parent / "clip", world="toy")
+    single = render_sample(split_identities("test")[2], 0, seed=3).image
+    pair, _ = two_up(64)
+    with pytest.warns(ReferencePhotoWarning, match=r"skipping reference image 1 \(<array 64x128x3 uint8>\): found 2 "):
+        features = Conditioner(ToyFaceAnalyzer(), clip, min_face_size=8.0)([single, pair])
+    assert features.sources == ["image 0 (<array 64x64x3 uint8>)"]
+    assert features.failures["image 1 (<array 64x128x3 uint8>)"].startswith("found 2 faces, 2 of similar size")
+    with pytest.warns(ReferencePhotoWarning, match=r"found 2 faces \(face 0: .*using face 1, chosen by pick=1"):
+        picked = Conditioner(ToyFaceAnalyzer(), clip, min_face_size=8.0, pick=1)([pair])
+    assert picked.num_refs == 1 and picked.failures == {}

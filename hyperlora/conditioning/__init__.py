@@ -1,8 +1,9 @@
 """Conditioning: reference photos -> what the hypernetwork consumes (face crops, masks, identity embeddings).
 
 images.py loads any photo as upright 8-bit RGB; faces.py defines the Face record, the FaceAnalyzer
-interface and the reference checks; crops.py reproduces the release's masks and crops;
-backends.py names the face backends (antelopev2 via insightface, dlib).
+interface and the reference checks; quality.py says what a photo looks like (grayscale, dark, flat);
+crops.py reproduces the release's masks and crops; backends.py names the face backends (antelopev2
+via insightface, dlib, toy); references.py turns photos into the hypernetwork's inputs.
 """
 
 from hyperlora.conditioning.backends import FACE_BACKENDS, make_face_analyzer
@@ -26,6 +27,7 @@ from hyperlora.conditioning.faces import (
     IDCondition,
     ModelFilesMissingError,
     NoFaceError,
+    SeveralFacesError,
     arcface_embedding,
     cosine_similarity,
     id_condition,
@@ -46,6 +48,7 @@ __all__ = [
     "InsightFaceAnalyzer",
     "ModelFilesMissingError",
     "NoFaceError",
+    "SeveralFacesError",
     "arcface_crop",
     "arcface_embedding",
     "base_image",

@@ -7,6 +7,7 @@ the toy world loads the toy CLIP the project trains. Both are a transformers
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -24,6 +25,20 @@ HOW_TO_GET = {
 }
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Within: no transformers load report (unused-key tables) and no 'Loading weights' bar; errors still raise."""
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 class ClipImageEncoder:
     """Images -> penultimate-layer CLIP tokens [N, tokens, hidden], with the model's own preprocessing."""
 
@@ -38,14 +53,10 @@ class ClipImageEncoder:
             )
         self.path = path
         self.processor = CLIPImageProcessor.from_pretrained(path)
-        verbosity = transformers_logging.get_verbosity()
-        transformers_logging.set_verbosity_error()  # a full CLIPModel folder's text-tower keys are expected extras
-        try:
+        with quiet_transformers():  # a full CLIPModel folder's text-tower keys are expected extras, not news
             self.model, info = CLIPVisionModelWithProjection.from_pretrained(
                 path, use_safetensors=True, dtype=dtype, output_loading_info=True
             )
-        finally:
-            transformers_logging.set_verbosity(verbosity)
         if info.get("missing_keys"):
             raise ModelFilesMissingError(f"CLIP image encoder at {path}: weights missing for {sorted(info['missing_keys'])[:5]} ...")
         self.model.to(device).eval().requires_grad_(False)

@@ -1,7 +1,8 @@
 """Face analysis: one face record (`Face`), one backend interface (`FaceAnalyzer`), and the reference checks.
 
-A backend finds faces and embeds them; everything above it (which face to use, whether it is large
-enough, the release's ID-condition crops) is written once here for every backend. Backends live in
+A backend finds faces and embeds them; everything above it (which face to use and whether the choice
+is safe, whether it is large enough, what to say about the photo, the release's ID-condition crops) is
+written once here for every backend. Backends live in
 insightface_backend.py (antelopev2, the release's analyser) and dlib_backend.py (an independent
 judge of identity); backends.py maps their names to classes.
 """
@@ -18,9 +19,13 @@ from PIL import Image
 
 from hyperlora.conditioning import crops
 from hyperlora.conditioning.images import ConditioningError, describe
+from hyperlora.conditioning.quality import photo_warnings, why_no_face
 
 DEFAULT_MIN_FACE_SIZE = 64   # px, shorter bbox side; smaller faces are refused
 SMALL_FACE_WARNING = 112     # px; below ArcFace's 112x112 input the identity is upsampled, so we warn
+SIMILAR_SIZE = 0.8           # pick='largest' refuses when the runner-up's size (sqrt of area) is this close
+NO_FACE_ADVICE = ("if the face fills the photo, pad it with a border (detectors miss extreme close-ups); if it shows "
+                  "several people or a cut-off face, crop it to one whole face")  # fmt: skip
 
 Pick = Literal["largest", "best"] | int
 
@@ -31,6 +36,10 @@ class NoFaceError(ConditioningError, ValueError):
 
 class FaceTooSmallError(ConditioningError, ValueError):
     """The chosen face is smaller than the minimum size."""
+
+
+class SeveralFacesError(ConditioningError, ValueError):
+    """pick='largest' on a photo with two or more faces of similar size: which person is meant is a guess."""
 
 
 class ModelFilesMissingError(ConditioningError, FileNotFoundError):
@@ -81,6 +90,7 @@ class FaceAnalyzer(abc.ABC):
 
     name: ClassVar[str]
     embedding_dim: ClassVar[int]
+    small_face: ClassVar[float] = SMALL_FACE_WARNING  # px; a reference face below this gets a warning
 
     @abc.abstractmethod
     def detect(self, image: Image.Image) -> list[Face]:
@@ -98,6 +108,10 @@ class FaceAnalyzer(abc.ABC):
     def search_description(self) -> str:
         """What detect tries, for error messages, e.g. 'SCRFD at detection sizes 640, 512, 384, 256'."""
 
+    def explain_miss(self, image: Image.Image) -> list[str]:
+        """What the backend saw where detect found no face (e.g. candidates it set aside), for the error; [] if nothing."""
+        return []
+
     def analyze_reference(
         self,
         image: Image.Image,
@@ -111,54 +125,79 @@ class FaceAnalyzer(abc.ABC):
 
         pick: 'largest' (bbox area; the default), 'best' (highest detector score: the release's
         choice), or an index into detect()'s score-ordered list. Several faces give a warning that
-        names the choice: a false detection can be the largest (dlib HOG finds one on the astronaut).
-        Raises NoFaceError (no face, or a pick index out of range) or FaceTooSmallError.
+        lists them and names the choice: a false detection can be the largest (dlib HOG finds one on
+        the astronaut). Warnings also cover a small face and a grayscale, dark or low-contrast photo.
+        Raises NoFaceError (no face, saying what was seen; or a pick index out of range),
+        SeveralFacesError (pick='largest' between faces of similar size) or FaceTooSmallError.
         """
         name = name or describe(image)
         faces = self.detect(image)
         if not faces:
-            raise NoFaceError(
-                f"{name}: no face found ({self.search_description}); if the face fills the photo, "
-                "pad it with a border: detectors miss extreme close-ups"
-            )
-        face, warnings = choose_face(faces, pick, name)
+            photo = why_no_face(image)  # nearly black or flat: that is the reason, whatever the backend saw
+            seen = "; ".join(photo + self.explain_miss(image) + ([] if photo else [NO_FACE_ADVICE]))
+            raise NoFaceError(f"{name}: no face found ({self.search_description}): {seen}")
+        face, warnings = choose_face(faces, pick, name, refuse_similar=True)
         side = min(face.width, face.height)
         if side < min_face_size:
             raise FaceTooSmallError(
                 f"{name}: the face is {face.width:.0f}x{face.height:.0f} px, smaller than "
                 f"min_face_size={min_face_size:g}; use a larger photo or a closer crop of the face"
             )
-        if side < SMALL_FACE_WARNING:
+        if side < self.small_face:
             warnings.append(
-                f"{name}: the face is only {side:.0f} px; identity encoders work at {SMALL_FACE_WARNING} px "
-                "and CLIP at 224 px, so the result may lose likeness"
+                f"{name}: the face is only {side:.0f} px; the {self.name} backend's models are built for faces of "
+                f"{self.small_face:g} px and up, so the result may lose likeness"
             )
+        warnings += photo_warnings(image, face.bbox, name)
         if with_embedding and face.embedding is None:
             face = face.with_embedding(self.embed(image, face))
         return face, warnings
 
 
-def choose_face(faces: list[Face], pick: Pick, name: str) -> tuple[Face, list[str]]:
-    """Pick one of several faces ('largest', 'best' or an index) and say so when there was a choice."""
+WEAK_SCORE_RATIO = 0.25  # 'largest' ignores detections scoring under this share of the surest one's score
+
+
+def choose_face(faces: list[Face], pick: Pick, name: str, *, refuse_similar: bool = False) -> tuple[Face, list[str]]:
+    """Pick one of several faces ('largest', 'best' or an index) and say so when there was a choice.
+
+    refuse_similar: pick='largest' raises SeveralFacesError when another face is of similar size
+    (SIMILAR_SIZE): a group photo or two people side by side, where taking either one would silently
+    personalise the wrong person. Reference photos refuse; an evaluation judging generations does not.
+    """
     if isinstance(pick, (int, np.integer)) and not isinstance(pick, bool):
         if not -len(faces) <= pick < len(faces):
-            raise NoFaceError(f"{name}: pick={pick} but only {len(faces)} face(s) were found")
+            raise NoFaceError(f"{name}: pick={pick} but only {len(faces)} face(s) were found: {_listing(faces)}")
         index = int(pick) % len(faces)
     elif pick == "largest":
-        index = max(range(len(faces)), key=lambda i: faces[i].area)
+        # A detection far less sure than the surest is no candidate: dlib upsampled finds the astronaut's 105 px
+        # mission patch at score 0.07 beside her 88 px face at 1.63, and 'largest' took the patch.
+        best = max(f.score for f in faces)
+        sure = [i for i, f in enumerate(faces) if best <= 0 or f.score >= WEAK_SCORE_RATIO * best]
+        index = max(sure, key=lambda i: faces[i].area)
+        rivals = [i for i in sure if i != index and faces[i].area >= SIMILAR_SIZE**2 * faces[index].area]
+        if rivals and refuse_similar:
+            raise SeveralFacesError(
+                f"{name}: found {len(faces)} faces, {len(rivals) + 1} of similar size, so the largest is no safe "
+                f"guess: {_listing(faces)}; pass pick=<index> to choose one (or 'best' for the detector's surest), "
+                "or crop the photo to one face"
+            )
     elif pick == "best":
         index = 0
     else:
         raise ValueError(f"pick must be 'largest', 'best' or an int index, got {pick!r}")
     warnings = []
     if len(faces) > 1:
-        face = faces[index]
         warnings.append(
-            f"{name}: found {len(faces)} faces; using face {index} ({face.width:.0f}x{face.height:.0f} px at "
-            f"x={face.bbox[0]:.0f}, y={face.bbox[1]:.0f}, chosen by pick={pick!r}); faces are numbered by "
-            "detector score, pass pick=<index> to use another"
+            f"{name}: found {len(faces)} faces ({_listing(faces)}); using face {index}, chosen by pick={pick!r}; "
+            "pass pick=<index> to use another"
         )
     return faces[index], warnings
+
+
+def _listing(faces: list[Face]) -> str:
+    """'face 0: 120x130 px at (40, 52), score 0.99; face 1: ...' (numbered by detector score, as pick=<index>)."""
+    return "; ".join(f"face {i}: {f.width:.0f}x{f.height:.0f} px at ({f.bbox[0]:.0f}, {f.bbox[1]:.0f}), "
+                     f"score {f.score:.2f}" for i, f in enumerate(faces))  # fmt: skip
 
 
 @dataclass

@@ -4,11 +4,15 @@ For each photo (release §2.3-2.4): load it robustly, choose the face, cut the m
 embed the 3x ArcFace crop, and for the Base branch blur the face out. Unlike the release, which
 skips failed images with a print, every failure is returned with its reason, and at least one
 photo must succeed. The coefficients of several photos are averaged inside the resampler.
+
+Skipped photos and per-photo warnings (several faces, a small, dark or low-contrast face, a
+grayscale photo) are raised as `ReferencePhotoWarning`s, so a user sees them, and kept in
+`ReferenceFeatures` for a run's record.
 """
 
 from __future__ import annotations
 
-import logging
+import warnings as python_warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +26,13 @@ from .crops import base_image
 from .faces import DEFAULT_MIN_FACE_SIZE, FaceAnalyzer, Pick, id_condition
 from .images import ConditioningError, ImageSource, describe, load_image
 
-log = logging.getLogger(__name__)
-
 
 class NoUsableReferenceError(ConditioningError, ValueError):
     """Every reference photo failed; the message lists each photo and why."""
+
+
+class ReferencePhotoWarning(UserWarning):
+    """A reference photo was skipped, or is usable but may cost likeness (several faces, small, grayscale, ...)."""
 
 
 @dataclass
@@ -38,8 +44,8 @@ class ReferenceFeatures:
     clip_blurred: torch.Tensor | None  # [N, tokens, hidden] of the face-blurred images (Base branch)
     sources: list[str]  # the photos used, in order
     hashes: list[str]  # sha256 of each used photo's pixels (see cache.image_hash)
-    failures: dict[str, str] = field(default_factory=dict)  # photo -> reason it was skipped
-    warnings: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # photo -> reason it was skipped (without the name)
+    warnings: list[str] = field(default_factory=list)  # per-photo warnings, each starting with the photo's name
 
     @property
     def num_refs(self) -> int:
@@ -54,6 +60,15 @@ def _name(source: ImageSource, index: int) -> str:
     if isinstance(source, (str, Path)):
         return str(source)
     return f"image {index} ({describe(source)})"
+
+
+def _reason(error: Exception, *names: str) -> str:
+    """An error's message without the leading 'name: ' that every conditioning error starts with."""
+    text = str(error)
+    for name in names:
+        if text.startswith(f"{name}: "):
+            return text[len(name) + 2 :]
+    return text
 
 
 class Conditioner:
@@ -71,7 +86,8 @@ class Conditioner:
         remove_background: bool = True,
     ):
         self.analyzer, self.clip, self.with_base = analyzer, clip, with_base
-        self.options = dict(pick=pick, min_face_size=min_face_size, grayscale=grayscale, remove_background=remove_background)
+        self.options = {"pick": pick, "min_face_size": min_face_size, "grayscale": grayscale,
+                        "remove_background": remove_background}  # fmt: skip
 
     def prepare(self, source: ImageSource, name: str) -> tuple[Image.Image, np.ndarray, Image.Image | None, list[str], str]:
         """One photo -> (CLIP crop, identity embedding, Base image or None, warnings, pixel hash)."""
@@ -81,6 +97,7 @@ class Conditioner:
         return condition.clip_image, condition.embedding, base, condition.warnings, image_hash(image)
 
     def __call__(self, sources: list[ImageSource] | ImageSource) -> ReferenceFeatures:
+        """Every usable photo's features; skipped photos and warnings are also raised as ReferencePhotoWarning."""
         if not isinstance(sources, (list, tuple)):
             sources = [sources]
         if not sources:
@@ -91,8 +108,7 @@ class Conditioner:
             try:
                 crop, embedding, base, notes, digest = self.prepare(source, name)
             except ConditioningError as err:
-                failures[name] = str(err)
-                log.warning("skipping reference %s: %s", name, err)
+                failures[name] = _reason(err, name, describe(source))
                 continue
             crops.append(crop)
             embeddings.append(embedding)
@@ -103,6 +119,8 @@ class Conditioner:
         if not used:
             reasons = "\n".join(f"  {name}: {reason}" for name, reason in failures.items())
             raise NoUsableReferenceError(f"none of the {len(sources)} reference photos could be used:\n{reasons}")
+        for message in [f"skipping reference {name}: {reason}" for name, reason in failures.items()] + warnings:
+            python_warnings.warn(message, ReferencePhotoWarning, stacklevel=2)
         return ReferenceFeatures(
             arcface=torch.from_numpy(np.stack(embeddings)).float(),
             clip=self.clip(crops),

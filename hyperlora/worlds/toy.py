@@ -1,0 +1,59 @@
+"""The toy world for users: the shipped miniature models under data/toy, and where its HyperLoRA lives.
+
+- data/toy/sdxl/: the base model (a StableDiffusionXLPipeline folder, DPM++ 2M Karras, v-prediction)
+- data/toy/clip/: the toy CLIP, the hypernetwork's image encoder (width 192)
+- data/toy/faces/: the toy detector + ArcFace (antelopev2's role, 128-d embeddings)
+- data/toy/hyperlora/: a trained HyperLoRA in the official layout; NOT shipped yet (`missing_checkpoint_message`)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..toy.pipeline import DEFAULT_TOY_DIR, TOY_GUIDANCE
+
+DEFAULT_CHECKPOINT = DEFAULT_TOY_DIR / "hyperlora"
+TRAIN_COMMAND = "python -m hyperlora.train --preset toy --stages 1,2,3 --out runs/train/x"
+TOY_MIN_FACE_SIZE = 8.0  # px: toy faces are ~30 px wide in 64 px images
+TOY_SIZE = 64  # px: the toy base model's image size
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """No HyperLoRA checkpoint where one was expected; the message says how to get one."""
+
+
+def missing_checkpoint_message(folder: Path) -> str:
+    return (f"no trained toy HyperLoRA at {folder}: none is shipped yet. Train one with `{TRAIN_COMMAND}` "
+            "(the full toy schedule takes hours on a CPU), then pass --checkpoint runs/train/x/stage3/hyperlora "
+            "(Python: checkpoint='runs/train/x/stage3/hyperlora')")  # fmt: skip
+
+
+def toy_checkpoint(checkpoint: str | Path | None) -> Path:
+    """The checkpoint folder to load: the one given, else data/toy/hyperlora; a clear error if it is absent."""
+    folder = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    if not folder.is_dir():
+        if checkpoint:
+            raise MissingCheckpointError(f"--checkpoint {folder}: no such folder (a HyperLoRA checkpoint folder "
+                                         "holds hyper_lora_modules.json and *.safetensors)")  # fmt: skip
+        raise MissingCheckpointError(missing_checkpoint_message(folder))
+    return folder
+
+
+def load_toy_parts(*, pipeline=None, clip=None, toy_dir=None, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu", det_threshold: float = 0.5):  # fmt: skip
+    """(pipeline, CLIP image encoder, face analyser) of the toy world, from data/toy unless told otherwise."""
+    from ..conditioning.backends import make_face_analyzer
+    from ..conditioning.clip_features import ClipImageEncoder
+    from ..toy.pipeline import load_toy_pipeline
+
+    toy_dir = Path(toy_dir) if toy_dir else DEFAULT_TOY_DIR
+    pipe = load_toy_pipeline(Path(pipeline) if pipeline else toy_dir / "sdxl", dtype=dtype).to(device)
+    encoder = ClipImageEncoder(Path(clip) if clip else toy_dir / "clip", world="toy", device=device, dtype=dtype)
+    analyzer = make_face_analyzer("toy", model_dir=toy_dir / "faces", det_threshold=det_threshold)
+    return pipe, encoder, analyzer
+
+
+# The toy base model's sampling: no negative prompt (its unconditional branch was trained on ""), its own guidance.
+TOY_SAMPLING = {"steps": 20, "guidance": TOY_GUIDANCE, "negative_prompt": None, "size": TOY_SIZE}
