@@ -156,15 +156,19 @@ def functional_lora(
 class InPlaceFusion:
     """Generated LoRAs added straight into a UNet's weights: the base model's cost per step, and undoable.
 
-    The first fuse keeps a CPU copy of every weight it touches; `restore` puts the copies back, so
-    switching identities never accumulates rounding (unlike subtracting a delta from fp16 weights).
-    This is the fast path for personalisation: no PEFT modules are created.
+    The first fuse keeps a CPU copy of every weight it touches (pinned when the UNet is on a GPU), and later
+    fuses reuse it: `restore` copies the base weights back, so switching identities never accumulates
+    rounding (unlike subtracting a delta from fp16 weights) and costs one host-to-device copy, not a
+    device-to-host one each time. This is the fast path for personalisation: no PEFT modules are created.
+    The copies assume the base weights change only through this object; `forget` drops them (after
+    loading other base weights into the UNet, say).
     """
 
     def __init__(self, unet: nn.Module):
         self.unet = unet
         self.modules = dict(unet.named_modules())
-        self.backup: dict[str, torch.Tensor] = {}
+        self.backup: dict[str, torch.Tensor] = {}  # path -> the base weight, on the CPU
+        self.fused: set[str] = set()  # paths whose weight holds a LoRA now
 
     @torch.no_grad()
     def fuse(self, loras: Sequence[LoRAWeights], scales: Sequence[float], index: int = 0) -> None:
@@ -179,14 +183,22 @@ class InPlaceFusion:
             linear = self.modules.get(path)
             if not isinstance(linear, nn.Linear) or linear.weight.shape != delta.shape:
                 raise ValueError(f"{path}: not a Linear of this UNet with weight shape {tuple(delta.shape)}")
-            self.backup[path] = linear.weight.detach().to("cpu", copy=True)
+            if path not in self.backup:
+                copy = linear.weight.detach().to("cpu", copy=True)
+                self.backup[path] = copy.pin_memory() if linear.weight.is_cuda else copy
+            self.fused.add(path)
             linear.weight.copy_((linear.weight.float() + delta.to(linear.weight.device)).to(linear.weight.dtype))
 
     @torch.no_grad()
     def restore(self) -> None:
         """Back to the base weights, exactly."""
-        for path, weight in self.backup.items():
-            self.modules[path].weight.copy_(weight)
+        for path in self.fused:
+            self.modules[path].weight.copy_(self.backup[path], non_blocking=True)
+        self.fused.clear()
+
+    def forget(self) -> None:
+        """Restore, then drop the copies of the base weights (the next fuse copies them again)."""
+        self.restore()
         self.backup.clear()
 
 

@@ -137,3 +137,12 @@ def test_in_place_fusion_matches_and_restores_exactly(unet, inputs, loras):
     fusion.fuse([loras["id"]], [1.0])
     fusion.restore()
     torch.testing.assert_close(_run(unet, inputs), base, rtol=0, atol=0, msg="restore must be exact")
+    # the copies of the base weights are taken once and reused by every later fuse
+    copies = {path: weight.data_ptr() for path, weight in fusion.backup.items()}
+    fusion.fuse([loras["base"]], [0.5])
+    fusion.fuse([loras["id"], loras["base"]], [0.8, 0.4])
+    assert {path: weight.data_ptr() for path, weight in fusion.backup.items()} == copies
+    torch.testing.assert_close(_run(unet, inputs), expected, rtol=1e-4, atol=1e-5)
+    fusion.forget()
+    assert not fusion.backup and not fusion.fused
+    torch.testing.assert_close(_run(unet, inputs), base, rtol=0, atol=0, msg="forget restores first")
