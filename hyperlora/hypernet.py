@@ -180,6 +180,20 @@ class HyperLoRA(nn.Module):
                 layers[target.linear_path(key)] = getattr(module, key).assemble(pair[:, 0], pair[:, 1], branch)
         return LoRAWeights(layers=layers, rank=rank, alpha=HyperLoRAConfig.alpha(rank))
 
+    def coefficients(
+        self,
+        *,
+        arcface: torch.Tensor | None = None,
+        clip: torch.Tensor | None = None,
+        clip_blurred: torch.Tensor | None = None,
+        num_refs: int = 1,
+    ) -> dict[str, torch.Tensor]:
+        """Features of the reference images -> {"id": [B, Q, K], "base": [B, Q, K] (if given)}, unit-norm tokens."""
+        out = {"id": self.id_coefficients(arcface=arcface, clip=clip, num_refs=num_refs)}
+        if clip_blurred is not None:
+            out["base"] = self.base_coefficients(clip_blurred, num_refs=num_refs)
+        return out
+
     def generate(
         self,
         *,
@@ -189,10 +203,8 @@ class HyperLoRA(nn.Module):
         num_refs: int = 1,
     ) -> dict[str, LoRAWeights]:
         """Features of the reference images -> {"id": LoRAWeights, "base": LoRAWeights (if given)}."""
-        out = {"id": self.assemble(self.id_coefficients(arcface=arcface, clip=clip, num_refs=num_refs), "id")}
-        if clip_blurred is not None:
-            out["base"] = self.assemble(self.base_coefficients(clip_blurred, num_refs=num_refs), "base")
-        return out
+        coefficients = self.coefficients(arcface=arcface, clip=clip, clip_blurred=clip_blurred, num_refs=num_refs)
+        return {branch: self.assemble(c, branch) for branch, c in coefficients.items()}
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameter counts of the parts, named as the official files are."""

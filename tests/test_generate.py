@@ -10,32 +10,25 @@ import logging
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 
 import hyperlora.generate as generate_module
-from hyperlora import HyperLoRA, find_targets, preset
 from hyperlora.__main__ import main
-from hyperlora.checkpoint import save_checkpoint
 from hyperlora.conditioning.references import Conditioner
 from hyperlora.generate import PersonalizeConfig, load
 from hyperlora.toy.identity import split_identities
-from hyperlora.toy.pipeline import DEFAULT_PIPELINE_DIR, load_toy_pipeline
+from hyperlora.toy.pipeline import load_toy_pipeline
 from hyperlora.toy.render import render_sample
+from hyperlora.worlds.toy import write_untrained_checkpoint
 
-UNTRAINED = "UNTRAINED random init (test)"
+UNTRAINED = "UNTRAINED random init"
 PROMPTS = ["a portrait of a person", "a person with red hair"]
 
 
 def untrained_toy_checkpoint(folder):
     """A small random HyperLoRA for the toy UNet's 32 attention modules, saved in float16 like training exports."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(DEFAULT_PIPELINE_DIR / "unet"))
-    torch.manual_seed(0)
-    config = preset("tiny", dim=192, id_embed_dim=128, heads=2, dim_head=32, depth=1)  # toy CLIP 192, toy ArcFace 128
-    model = HyperLoRA(config, find_targets(unet)).randomize_up_bases(0.5)
-    return save_checkpoint(model, folder, dtype=torch.float16, extra={"label": UNTRAINED})
+    return write_untrained_checkpoint(folder, seed=0)
 
 
 @pytest.fixture(scope="module")

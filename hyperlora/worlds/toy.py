@@ -57,3 +57,26 @@ def load_toy_parts(*, pipeline=None, clip=None, toy_dir=None, dtype: torch.dtype
 
 # The toy base model's sampling: no negative prompt (its unconditional branch was trained on ""), its own guidance.
 TOY_SAMPLING = {"steps": 20, "guidance": TOY_GUIDANCE, "negative_prompt": None, "size": TOY_SIZE}
+
+
+UNTRAINED_LABEL = "UNTRAINED random init: its LoRAs change the images, but not towards anyone"
+
+
+def write_untrained_checkpoint(folder, *, seed: int = 0, pipeline=None) -> Path:
+    """A small random HyperLoRA for the toy UNet (toy CLIP 192 wide, toy ArcFace 128-d, a Base branch), labelled
+    UNTRAINED, for running the toy world's code before a trained checkpoint exists. Random up bases, so its LoRAs
+    are not zero. Returns the folder."""
+    from diffusers import UNet2DConditionModel
+
+    from ..checkpoint import save_checkpoint
+    from ..config import preset
+    from ..hypernet import HyperLoRA
+    from ..targets import find_targets
+
+    unet_dir = (Path(pipeline) if pipeline else DEFAULT_TOY_DIR / "sdxl") / "unet"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
+    torch.manual_seed(seed)
+    config = preset("tiny", dim=192, id_embed_dim=128, heads=2, dim_head=32, depth=1)
+    model = HyperLoRA(config, find_targets(unet)).randomize_up_bases(0.5, seed)
+    return save_checkpoint(model, folder, extra={"label": UNTRAINED_LABEL})
