@@ -11,6 +11,10 @@
   DreamBooth-LoRA script) fine-tuned on the references with a rare token, scored at several
   cumulative step counts with the wall time each took, so fidelity against time sits beside
   HyperLoRA's personalisation time.
+- `hyperlora_ft`: HyperLoRA's generated ID LoRA fine-tuned on the references with the diffusion loss
+  (hyperlora/finetune.py: the official README's "a good start for a short fine-tune"), at the same cumulative
+  step counts; its time includes the personalisation. `zero_ft`: the same recipe (rank, targets, trigger words,
+  lr, noise) from a PEFT-initialised LoRA, so the two differ only in the start.
 
 A method yields `(variant, timings, generate)` per identity from `variants(identity)`;
 `generate(prompt, seeds) -> uint8 [N, H, W, 3]`, or None for "the no-LoRA images themselves".
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -81,6 +86,7 @@ class HyperLoRAMethod(Method):
         from hyperlora.conditioning.clip_features import ClipImageEncoder
         from hyperlora.conditioning.references import Conditioner
         from hyperlora.pipeline import PersonalizedPipeline
+        from hyperlora.worlds import checkpoint_note
 
         self.config = config
         analyzer = make_face_analyzer(config.face_backend, **world.backend_kwargs(config.face_backend))
@@ -88,7 +94,9 @@ class HyperLoRAMethod(Method):
         clip = ClipImageEncoder(world.clip_dir, world=world.world, device=device, dtype=dtype)
         if config.checkpoint:
             model = load_checkpoint(config.checkpoint, unet=world.pipe.unet, dtype=dtype, device=device)
-            self.label = f"hyperlora checkpoint {config.checkpoint}"
+            note = checkpoint_note(Path(config.checkpoint))  # e.g. "UNTRAINED random init: ..."
+            self.label = f"hyperlora checkpoint {config.checkpoint}" + (f" ({note})" if note else "")
+            self.plumbing_only = "UNTRAINED" in note
         else:
             torch.manual_seed(config.seed)
             model_config = preset("tiny", dim=clip.hidden_size, id_embed_dim=analyzer.embedding_dim,
@@ -134,23 +142,16 @@ class DreamBooth(Method):
 
     def _data(self, identity: dict) -> dict:
         """The references as scaled VAE latents and the instance prompt's text states (frozen parts, once)."""
-        pipe, size, device = self.world.pipe, self.config.size, self.config.device
-        pixels = torch.from_numpy(identity["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
-        pixels = pixels.to(device, pipe.vae.dtype)
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        from hyperlora.finetune import reference_batch
+
         instance = f"{DREAMBOOTH_TOKEN}, a portrait of a person"  # DreamBooth's "a [V] [class]" prompt
-        embeds, _, pooled, _ = pipe.encode_prompt(instance, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)  # fmt: skip
-        n = len(latents)
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=latents.dtype, device=device).repeat(n, 1)
-        return {"latents": latents, "encoder_hidden_states": embeds.expand(n, -1, -1),
-                "text_embeds": pooled.expand(n, -1), "time_ids": time_ids}  # fmt: skip
+        return reference_batch(self.world.pipe, list(identity["images"]), instance, self.config.size)
 
     def variants(self, identity):
         from diffusers import DDPMScheduler
         from peft import LoraConfig
 
-        from hyperlora.toy.unet import diffusion_loss
+        from hyperlora.diffusion import diffusion_loss
 
         unet, c = self.world.pipe.unet, self.config
         torch.manual_seed(eval_seed(c.seed, identity["id"], 1))  # the LoRA's initialisation
@@ -189,7 +190,105 @@ class DreamBooth(Method):
         return self.world.generate(f"{DREAMBOOTH_TOKEN}, {prompt.text}", seeds)
 
 
-METHOD_CLASSES = {"hyperlora": HyperLoRAMethod, "base": BaseModel, "renders": Renders, "dreambooth": DreamBooth}
+class HyperLoRAFineTune(HyperLoRAMethod):
+    """HyperLoRA's ID LoRA as the start of a fine-tune on the references (hyperlora/finetune.py), scored at the
+    DreamBooth step counts; the wall time is cumulative and includes the personalisation."""
+
+    name = "hyperlora_ft"
+    init = "hyperlora"
+
+    def __init__(self, config: EvalConfig, world):
+        super().__init__(config, world)
+        self.counts = config.step_counts()
+        self.label += f"; its ID LoRA fine-tuned on the references (hyperlora/finetune.py, lr {config.finetune_lr})"
+
+    def _start(self, identity: dict):
+        """(the LoRA to tune, the fixed LoRAs beside it as (LoRA, scale), personalisation timings); None if failed."""
+        from hyperlora.conditioning.references import NoUsableReferenceError
+
+        images = identity.get("photos") or [Image.fromarray(image) for image in identity["images"]]
+        try:
+            result = self.personalized.personalize(images, id_scale=self.config.id_scale,
+                                                   base_scale=self.config.base_scale)  # fmt: skip
+        except NoUsableReferenceError as err:  # scored as the base model with trigger words; counted in the summary
+            logger.warning("identity %s: personalisation failed (%s)", identity["id"], err)
+            return None
+        self.personalized.reset()  # training adds the LoRA through hooks, on the base weights
+        fixed = [(result.loras[b], s) for b, s in result.scales.items() if b != "id" and s]
+        return result.loras["id"], fixed, {f"{k}_ms": v for k, v in result.timings_ms.items()}
+
+    def variants(self, identity):
+        from hyperlora.finetune import (
+            INSTANCE_PROMPT,
+            FinetuneConfig,
+            LoRAFinetuner,
+            noise_scheduler,
+            reference_batch,
+            start_lora,
+        )
+        from hyperlora.pipeline import with_trigger
+
+        c, pipe, fusion = self.config, self.world.pipe, self.personalized.fusion
+        trigger = self.personalized.trigger_words
+
+        def generate(prompt, seeds):  # the tuned LoRA is fused into the shared pipeline's UNet
+            return self.world.generate(with_trigger(prompt.text, trigger), seeds)
+
+        try:
+            started = self._start(identity)
+            if started is None:
+                for count in self.counts:
+                    yield f"{self.name}@{count}", {"total_ms": float("nan"), "failed": True, "dreambooth_steps": count,
+                                                   "final_loss": float("nan")}, generate  # fmt: skip
+                return
+            lora, fixed, personalization_ms = started
+            start = time.perf_counter()
+            batch = reference_batch(pipe, list(identity["images"]), with_trigger(INSTANCE_PROMPT, trigger), c.size)
+            config = FinetuneConfig(lr=c.finetune_lr, seed=eval_seed(c.seed, identity["id"], 2), init=self.init,
+                                    scale=c.id_scale)  # fmt: skip
+            start_at = start_lora(config, lora)
+            tuner = LoRAFinetuner(pipe.unet, noise_scheduler(pipe), batch, start_at, config, fixed=fixed)
+            elapsed, done = time.perf_counter() - start, 0
+            for count in self.counts:
+                start = time.perf_counter()
+                fusion.restore()
+                tuner.train(count - done, progress=False)
+                fusion.fuse([tuner.lora, *(f for f, _ in fixed)], [c.id_scale, *(s for _, s in fixed)])
+                elapsed, done = elapsed + time.perf_counter() - start, count
+                total = personalization_ms.get("total_ms", 0.0) + 1000 * elapsed
+                timings = {**personalization_ms, "train_ms": 1000 * elapsed, "total_ms": total, "failed": False,
+                           "dreambooth_steps": count, "final_loss": tuner.losses[-1]}  # fmt: skip
+                yield f"{self.name}@{count}", timings, generate
+        finally:
+            self.personalized.reset()
+
+
+class ZeroFineTune(HyperLoRAFineTune):
+    """The same fine-tune from a PEFT-initialised LoRA of HyperLoRA's rank and targets: only the start differs."""
+
+    name, init = "zero_ft", "zero"
+
+    def __init__(self, config: EvalConfig, world):
+        super().__init__(config, world)
+        self.plumbing_only = False  # the hypernetwork only names the targets, the rank and the trigger words
+        rank = self.personalized.hyperlora.config.rank
+        self.label = (f"LoRA (rank {rank}) from zero (PEFT init) fine-tuned on the references with the trigger words "
+                      f"(hyperlora/finetune.py, lr {config.finetune_lr}): the same recipe as hyperlora_ft")  # fmt: skip
+
+    def _start(self, identity: dict):
+        from hyperlora.config import HyperLoRAConfig
+        from hyperlora.finetune import zero_lora
+        from hyperlora.targets import LAYER_KEYS
+
+        model = self.personalized.hyperlora
+        shapes = {t.linear_path(k): (t.in_features(k), t.out_features(k)) for t in model.targets for k in LAYER_KEYS}
+        rank = model.config.rank
+        template = zero_lora(shapes, rank, HyperLoRAConfig.alpha(rank)).to(self.config.device, torch.float32)
+        return template, [], {}
+
+
+METHOD_CLASSES = {"hyperlora": HyperLoRAMethod, "base": BaseModel, "renders": Renders, "dreambooth": DreamBooth,
+                  "hyperlora_ft": HyperLoRAFineTune, "zero_ft": ZeroFineTune}  # fmt: skip
 
 
 def make_method(name: str, config: EvalConfig, world) -> Method:

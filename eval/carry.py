@@ -72,7 +72,7 @@ def carry(config: EvalConfig, world: ToyWorld, index: int, args) -> list[dict]:
     """Fine-tune `args.train` on identity `index` and score it after each of `args.steps` cumulative steps."""
     from diffusers import DDPMScheduler
 
-    from hyperlora.toy.unet import diffusion_loss
+    from hyperlora.diffusion import diffusion_loss
 
     unet = world.pipe.unet
     original = {k: v.detach().clone() for k, v in unet.state_dict().items()} if args.train != "lora" else None

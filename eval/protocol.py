@@ -46,7 +46,7 @@ from hyperlora.toy.render import render, sample_look, visible_attributes
 from .prompts import Prompt, load_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("hyperlora", "base", "renders", "dreambooth")
+METHODS = ("hyperlora", "base", "renders", "dreambooth", "hyperlora_ft", "zero_ft")
 
 
 @dataclass
@@ -74,9 +74,10 @@ class EvalConfig:
     judge_backend: str = "toy"  # ID-similarity judge; sdxl warns when it is the conditioning one (not independent)
     min_face_size: float = 8.0  # px; toy faces are ~25 px wide at 64 px
     det_threshold: float = 0.5  # toy detector score threshold (smoke detectors need 0 to find anything)
-    dreambooth_steps: str = "50,100,200"  # comma-separated cumulative step counts to score
+    dreambooth_steps: str = "50,100,200"  # cumulative step counts to score (also hyperlora_ft's and zero_ft's)
     dreambooth_rank: int = 4
     dreambooth_lr: float = 1e-3
+    finetune_lr: float = 1e-3  # hyperlora_ft's and zero_ft's (hyperlora/finetune.py): DreamBooth's lr
     device: str = "cpu"  # where the pipeline, the hypernetwork and DreamBooth run ("cuda" for real SDXL); the
     # judges (CLIP, face, LPIPS) stay on the CPU. Generators are CPU generators, so images do not depend on it
     dtype: str = "float32"  # the pipeline's and the hypernetwork's dtype ("float16" on a GPU); DreamBooth's LoRA
@@ -483,7 +484,7 @@ def summarize_variant(rows: list[dict], timings: list[dict], method, world, out:
         row[f"personalize_{key}"] = float(np.mean(values)) if values else None
     row["personalization_failures"] = sum(bool(t.get("failed")) for t in timings)
     row["generation_ms_per_image"] = float(np.mean([r["generation_ms"] for r in rows]))
-    if "dreambooth_steps" in timings[0]:
+    if "dreambooth_steps" in timings[0]:  # every tuning method (dreambooth, hyperlora_ft, zero_ft): its step count
         row["dreambooth_steps"] = timings[0]["dreambooth_steps"]
         row["dreambooth_final_loss"] = float(np.mean([t["final_loss"] for t in timings]))
     return row

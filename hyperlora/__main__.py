@@ -1,12 +1,14 @@
-"""Command line: `python -m hyperlora generate|personalize|info`.
+"""Command line: `python -m hyperlora generate|personalize|finetune|info`.
 
     python -m hyperlora generate --face a.jpg b.jpg --prompt "a portrait in a spacesuit" --out out/
     python -m hyperlora personalize --face a.jpg --out id.safetensors       # the LoRA alone (kohya)
+    python -m hyperlora finetune --face a.jpg b.jpg --steps 50 --out ft/    # the LoRA, then 50 steps on the photos
     python -m hyperlora info --world sdxl                                     # sizes, no weights
 
-generate and personalize run in the toy world by default (data/toy; its HyperLoRA at data/toy/hyperlora);
---world sdxl takes local folders: --pipeline, --clip, --insightface-root, --checkpoint. Flags are the fields
-of hyperlora.generate.GenerateConfig / PersonalizeConfig.
+generate, personalize and finetune run in the toy world by default (data/toy; its HyperLoRA at
+data/toy/hyperlora); --world sdxl takes local folders: --pipeline, --clip, --insightface-root, --checkpoint.
+Flags are the fields of hyperlora.generate.GenerateConfig / PersonalizeConfig and
+hyperlora.finetune.FinetuneCommand.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ def add_fields(parser: argparse.ArgumentParser, cls) -> None:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # int | None -> int
             default = f.default if f.default is not dataclasses.MISSING else None
             shown = f"{help} (default: {default})" if default not in (None, "") else help
-            parser.add_argument(flag, type=base, default=default, required=required, help=shown)
+            parser.add_argument(flag, type=base, default=default, required=required, help=shown,
+                                choices=f.metadata.get("choices"))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .finetune import FinetuneCommand
     from .generate import GenerateConfig, PersonalizeConfig
 
     parser = argparse.ArgumentParser(prog="python -m hyperlora", description=__doc__,
@@ -54,13 +58,15 @@ def main(argv: list[str] | None = None) -> int:
                GenerateConfig)  # fmt: skip
     add_fields(commands.add_parser("personalize", help="photos -> a LoRA file (kohya: ComfyUI, A1111)"),
                PersonalizeConfig)  # fmt: skip
+    add_fields(commands.add_parser("finetune", help="photos -> HyperLoRA's LoRA fine-tuned on them (both formats)"),
+               FinetuneCommand)  # fmt: skip
     args = parser.parse_args(argv)
     if args.command == "info":
         print(format_info(info(args.world, args.preset)))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")  # its own deprecations, per face
-    cls = GenerateConfig if args.command == "generate" else PersonalizeConfig
+    cls = {"generate": GenerateConfig, "personalize": PersonalizeConfig, "finetune": FinetuneCommand}[args.command]
     config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
     return run(args.command, config, sys.argv[1:] if argv is None else argv)
 
@@ -69,11 +75,14 @@ def run(command: str, config, argv: list[str]) -> int:
     """Run one command; user errors (a bad photo, a missing model, a wrong flag) are one line, exit status 2."""
     from .checkpoint import CheckpointError
     from .conditioning.images import ConditioningError
+    from .finetune import run_finetune
     from .generate import run_generate, run_personalize
 
     try:
         if command == "generate":
             out = run_generate(config, argv)
+        elif command == "finetune":
+            out = run_finetune(config, argv)
         else:
             out = run_personalize(config)
     except (ConditioningError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:

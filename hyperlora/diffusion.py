@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
@@ -33,3 +34,14 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: fl
     snr = compute_snr(scheduler, timesteps)
     epsilon = scheduler.config.prediction_type == "epsilon"
     return torch.clamp(snr, max=snr_gamma) / (snr if epsilon else snr + 1)
+
+
+def diffusion_loss(unet, scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
+                   snr_gamma: float | None = None) -> torch.Tensor:  # fmt: skip
+    """The DDPM MSE of one SDXL batch (`latents`, `encoder_hidden_states`, `text_embeds`, `time_ids`) against the
+    scheduler's target, Min-SNR-gamma weighted if `snr_gamma`."""
+    noisy, timesteps, target = noisy_inputs(scheduler, batch["latents"], generator)
+    added = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
+    prediction = unet(noisy, timesteps, batch["encoder_hidden_states"], added_cond_kwargs=added).sample
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * snr_weights(scheduler, timesteps, snr_gamma)).mean()

@@ -12,6 +12,7 @@ anything is loaded, so a corrupt file fails at once and --out is left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -143,16 +144,12 @@ def run_generate(config: GenerateConfig, argv: list[str] | None = None) -> Path:
     out = Path(config.out or "")
     if not config.out or not config.prompt:
         raise ValueError("generate needs --out and at least one --prompt")
-    if (out.is_file() or (out.is_dir() and any(out.iterdir()))) and not config.overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+    refuse_existing(out, config.overwrite)
     check_photos(config.face)
     start = time.perf_counter()
     pipe = load(config)
     loading_ms = 1000 * (time.perf_counter() - start)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        _usual_permissions(tmp)
+    with staged_folder(out) as tmp:
         result = personalize(pipe, config)
         loras = {}
         for branch in result.loras:
@@ -166,6 +163,24 @@ def run_generate(config: GenerateConfig, argv: list[str] | None = None) -> Path:
         _contact_sheet(pipe, config, boxes, images, tmp)
         record = _record(pipe, config, result, boxes, images, loras, loading_ms, argv)
         (tmp / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """FileExistsError when `out` holds anything and --overwrite was not given."""
+    if (out.is_file() or (out.is_dir() and any(out.iterdir()))) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """A temporary folder beside `out`, moved into place (replacing `out`) when the block succeeds and removed when
+    it fails, so `out` is written all or nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _usual_permissions(tmp)
+        yield tmp
         for path in tmp.glob("*.safetensors"):
             _usual_permissions(path)
         if out.exists():
@@ -174,7 +189,6 @@ def run_generate(config: GenerateConfig, argv: list[str] | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _usual_permissions(path: Path) -> None:

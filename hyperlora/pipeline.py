@@ -141,17 +141,23 @@ class HyperLoRAPipeline:
         timings["hypernetwork"] = 1000 * (time.perf_counter() - start)
         start = time.perf_counter()
         scales = {"id": id_scale, "base": base_scale} if "base" in loras else {"id": id_scale}
+        source_hash = hashlib.sha256("".join(features.hashes).encode()).hexdigest()
+        self.apply(Personalization(loras, features, scales, timings, source_hash), fuse=fuse)
+        timings["load_and_fuse"] = 1000 * (time.perf_counter() - start)
+        timings["total"] = sum(timings.values())
+        return self.current
+
+    def apply(self, personalization: Personalization, *, fuse: bool = True) -> None:
+        """Make `personalization` the current identity: its LoRAs at its scales fused into the UNet's weights
+        (or loaded as diffusers adapters), replacing whatever was applied before (a fine-tuned LoRA, say)."""
         self._clear()
+        loras, scales = personalization.loras, personalization.scales
         if fuse:
             self.fusion.fuse([loras[b] for b in scales], list(scales.values()))
         else:
-            load_into_diffusers(self.pipe, loras, scales)
+            load_into_diffusers(self.pipe, {b: loras[b] for b in scales}, scales)
             self._adapters = True
-        timings["load_and_fuse"] = 1000 * (time.perf_counter() - start)
-        timings["total"] = sum(timings.values())
-        source_hash = hashlib.sha256("".join(features.hashes).encode()).hexdigest()
-        self.current = Personalization(loras, features, scales, timings, source_hash)
-        return self.current
+        self.current = personalization
 
     def _clear(self) -> None:
         self.fusion.restore()

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -34,7 +33,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..config import strict_from_dict
-from ..diffusion import noisy_inputs, snr_weights
+from ..diffusion import diffusion_loss
 from ..targets import find_targets
 from ..train.resume import GeneratorState, latest_checkpoint, save_checkpoint
 from .cards import read_model_card, write_model_card
@@ -203,20 +202,6 @@ def sample_batch(cache: TrainingCache, config: UNetTrainConfig, generator: torch
     size = config.image_size
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(config.batch_size, 1)
     return {"latents": latents, "encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
-
-
-def diffusion_loss(unet, noise_scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
-                   snr_gamma: float | None) -> torch.Tensor:  # fmt: skip
-    """DDPM MSE against the scheduler's `prediction_type` target: the noise (Ho et al. 2020, eq. 14) or the
-    velocity v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0; Min-SNR-gamma weighted if `snr_gamma`."""
-    noisy, timesteps, target = noisy_inputs(noise_scheduler, batch["latents"], generator)
-    added = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
-    prediction = unet(noisy, timesteps, batch["encoder_hidden_states"], added_cond_kwargs=added).sample
-    if snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
-    weights = snr_weights(noise_scheduler, timesteps, snr_gamma)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
 
 
 @dataclass
