@@ -287,8 +287,27 @@ class ZeroFineTune(HyperLoRAFineTune):
         return template, [], {}
 
 
-METHOD_CLASSES = {"hyperlora": HyperLoRAMethod, "base": BaseModel, "renders": Renders, "dreambooth": DreamBooth,
-                  "hyperlora_ft": HyperLoRAFineTune, "zero_ft": ZeroFineTune}  # fmt: skip
+class OtherReference(HyperLoRAMethod):
+    """The control of issue 17's figure 2: HyperLoRA personalised from ANOTHER held-out person's references (the
+    next one), scored against this person. A LoRA that carries the person scores clearly lower here than
+    `hyperlora`; a generic LoRA (the same change for everyone) scores the same."""
+
+    name = "hyperlora_other"
+
+    def __init__(self, config: EvalConfig, world):
+        if config.num_identities < 2:
+            raise ValueError("method hyperlora_other personalises from another person: it needs --num-identities >= 2")
+        super().__init__(config, world)
+        self.label = f"{self.label}, personalised from the NEXT person's references (control)"
+
+    def variants(self, identity):
+        other = self.world.identity((identity["index"] + 1) % self.config.num_identities)
+        for _, timings, generate in super().variants(other):
+            yield "hyperlora_other", timings | {"reference_identity": other["id"]}, generate
+
+
+METHOD_CLASSES = {"hyperlora": HyperLoRAMethod, "hyperlora_other": OtherReference, "base": BaseModel, "renders": Renders,
+                  "dreambooth": DreamBooth, "hyperlora_ft": HyperLoRAFineTune, "zero_ft": ZeroFineTune}  # fmt: skip
 
 
 def make_method(name: str, config: EvalConfig, world) -> Method:

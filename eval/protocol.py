@@ -46,7 +46,7 @@ from hyperlora.toy.render import render, sample_look, visible_attributes
 from .prompts import Prompt, load_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("hyperlora", "base", "renders", "dreambooth", "hyperlora_ft", "zero_ft")
+METHODS = ("hyperlora", "hyperlora_other", "base", "renders", "dreambooth", "hyperlora_ft", "zero_ft")
 
 
 @dataclass
@@ -218,7 +218,7 @@ class ToyWorld:
                  for r in renders]  # fmt: skip
         clip = torch.nn.functional.normalize(self.clip(crops).mean(0), dim=-1)
         face = np.mean(faces, 0) if faces else None
-        return {"id": identity, "images": images, "attributes": visible_attributes(renders[0].look),
+        return {"id": identity, "index": index, "images": images, "attributes": visible_attributes(renders[0].look),
                 "face_embedding": None if face is None else face / np.linalg.norm(face), "clip_embedding": clip,
                 "mean_mask": np.mean([r.mask for r in renders], 0) > 0.5, "n_reference_faces": len(faces)}  # fmt: skip
 

@@ -244,7 +244,7 @@ class SDXLWorld:
             masks[0][size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = True
         face = np.mean(embeddings, 0) if embeddings else None
         held_out = [square(load_image(p), size)[0] for p in paths[n:]]
-        return {"id": index, "name": name, "images": np.stack([image for image, _ in squares]),
+        return {"id": index, "index": index, "name": name, "images": np.stack([image for image, _ in squares]),
                 "photos": [str(p) for p in paths[:n]], "attributes": {},
                 "held_out": np.stack(held_out) if held_out else np.zeros((0, size, size, 3), np.uint8),
                 "face_embedding": None if face is None else face / np.linalg.norm(face),

@@ -148,6 +148,26 @@ def test_hyperlora_checkpoint_personalises_and_resets(toy_dir, tmp_path, monkeyp
         assert (h["variant"], b["variant"], h["eval_seed"]) == ("hyperlora", "base", b["eval_seed"])
 
 
+def test_other_reference_control_personalises_from_the_next_person(toy_dir, tmp_path, monkeypatch):
+    """hyperlora_other (figure 2's control) uses the next held-out person's references, scored against this one."""
+    from hyperlora import HyperLoRA, find_targets, preset
+    from hyperlora.checkpoint import save_checkpoint
+    from hyperlora.toy.pipeline import load_toy_pipeline
+
+    monkeypatch.setitem(backends.FACE_BACKENDS, "centre", f"{__name__}:CentreFaceAnalyzer")
+    torch.manual_seed(0)
+    model = HyperLoRA(preset("tiny", id_embed_dim=16), find_targets(load_toy_pipeline(toy_dir / "sdxl").unet))
+    save_checkpoint(model.randomize_up_bases(0.5, 0), tmp_path / "ckpt")
+    config = smoke_config(toy_dir, methods="hyperlora,hyperlora_other", face_backend="centre", num_identities=2,
+                          checkpoint=str(tmp_path / "ckpt"), prompts="0", seeds_per_prompt=1)  # fmt: skip
+    summary = run_evaluation(config, tmp_path / "run")
+    others = [t for t in summary["timings"] if t["variant"] == "hyperlora_other"]
+    people = [r["identity"] for r in read_records(tmp_path / "run") if r["variant"] == "hyperlora"]
+    assert [t["reference_identity"] for t in others] == people[1:] + people[:1]
+    with pytest.raises(ValueError, match="num-identities >= 2"):
+        run_evaluation(smoke_config(toy_dir, methods="hyperlora_other", checkpoint=str(tmp_path / "ckpt")), tmp_path / "x")
+
+
 def test_reference_looks_avoid_asked_values_and_survive_prompt_sets_that_ask_every_value():
     from eval.prompts import Prompt, load_prompts
     from eval.protocol import reference_look_values
