@@ -289,3 +289,16 @@ def test_unet_benchmark_times_real_training_steps():
         assert bench(1, steps=1, warmup=0) > 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_train_unet_command_takes_a_shipped_config_with_overrides(tmp_path):
+    from hyperlora.toy.__main__ import main
+
+    small = ["steps=2", "batch_size=2", "num_identities=2", "images_per_identity=1", "warmup_steps=1", "ema_decay=0",
+             "threads=1", "block_out_channels=[32,32,64]", "attention_heads=[2,2,4]", "layers_per_block=1"]  # fmt: skip
+    assert main(["train-unet", "--out", str(tmp_path / "u"), "--set", *small]) == 0
+    config = load_unet_train_config(tmp_path / "u")
+    assert config.block_out_channels == (32, 32, 64) and config.steps == 2
+    assert config.nonsense_prefix_prob == 0.3, "the rest comes from the shipped UNet's training config"
+    with pytest.raises(ValueError, match="unknown UNetTrainConfig keys"):
+        main(["train-unet", "--out", str(tmp_path / "v"), "--set", "stepz=2"])

@@ -32,7 +32,17 @@ def main(argv: list[str] | None = None) -> int:
                         "split; looks: toy-ArcFace similarity of different people sharing one look; trigger: the base "
                         "model's prompt adherence with HyperLoRA's trigger words against without")
     p_diag.add_argument("--out", default=str(DEFAULT_TOY_DIR), help="toy folder holding clip/, vae/ and faces/")
+    p_unet = commands.add_parser("train-unet", help="train one toy UNet candidate (a base-model experiment), resumable")
+    p_unet.add_argument("--out", required=True, help="the UNet folder to write (checkpoints/ inside while training)")
+    p_unet.add_argument("--like", default=str(DEFAULT_TOY_DIR / "sdxl" / "unet"), help="start from this UNet folder's "
+                        "training config (its training_card.json or model_card.json)")
+    p_unet.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="config overrides, e.g. "
+                        "block_out_channels=[64,64,128] threads=1 (values parsed as JSON, else as strings)")
+    p_unet.add_argument("--toy-dir", default=str(DEFAULT_TOY_DIR), help="toy folder holding clip/ and vae/")
+    p_unet.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     args = parser.parse_args(argv)
+    if args.command == "train-unet":
+        return _train_unet(args)
     if args.command == "diagnose":
         from . import diagnostics
 
@@ -60,6 +70,29 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = build(args.out, smoke=args.smoke, only=args.only, standins=args.standins, jobs=args.jobs)
     print("\n".join(f"{name:<11} {outcome}" for name, outcome in outcomes.items()))
     return 1 if any(o.startswith("FAILED") for o in outcomes.values()) else 0
+
+
+def _train_unet(args) -> int:
+    from .unet import UNetTrainConfig, train_unet
+
+    like = Path(args.like)
+    card = next((like / n for n in ("training_card.json", "model_card.json") if (like / n).is_file()), None)
+    if card is None:
+        raise SystemExit(f"--like {like}: no training_card.json or model_card.json there")
+    values = json.loads(card.read_text())["config"]
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    config = UNetTrainConfig.from_dict(values)  # unknown keys raise
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    toy = Path(args.toy_dir)
+    train_unet(config, args.out, clip_path=toy / "clip", vae_path=toy / "vae", resume=args.resume)
+    return 0
 
 
 if __name__ == "__main__":
