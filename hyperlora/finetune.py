@@ -279,18 +279,14 @@ def run_finetune(config: FinetuneCommand, argv: list[str] | None = None) -> Path
     id_lora_{kohya,diffusers}.safetensors (tuned), record.json, and for --prompt images/finetuned/*.png (and
     images/hyperlora/*.png, the generated LoRA before tuning, with init hyperlora)."""
     from .export import FORMATS
-    from .generate import _versions, check_photos, load, personalize, refuse_existing, staged_folder
+    from .generate import _versions, load_for, personalize, staged_folder
 
     out = Path(config.out or "")
     if not config.out:
         raise ValueError("finetune needs --out")
     if config.caption and len(config.caption) != len(config.face):
         raise ValueError(f"{len(config.caption)} --caption for {len(config.face)} --face photos: give one each")
-    refuse_existing(out, config.overwrite)
-    check_photos(config.face)
-    start = time.perf_counter()
-    pipe = load(config)
-    loading_ms = 1000 * (time.perf_counter() - start)
+    pipe, loading_ms = load_for(config, out)
     with staged_folder(out) as tmp:
         result = personalize(pipe, config)
         images = _samples(pipe, config, tmp, "hyperlora") if config.init == "hyperlora" else []

@@ -139,16 +139,21 @@ def call_kwargs(config: GenerateConfig, defaults: dict) -> dict:
     return kwargs
 
 
+def load_for(config, out: Path):
+    """Refuse an existing --out (unless --overwrite), decode every photo, then load the world: (pipe, loading ms)."""
+    refuse_existing(out, config.overwrite)
+    check_photos(config.face)
+    start = time.perf_counter()
+    pipe = load(config)
+    return pipe, 1000 * (time.perf_counter() - start)
+
+
 def run_generate(config: GenerateConfig, argv: list[str] | None = None) -> Path:
     """Personalise from the photos, generate every prompt at every seed, write --out all at once."""
     out = Path(config.out or "")
     if not config.out or not config.prompt:
         raise ValueError("generate needs --out and at least one --prompt")
-    refuse_existing(out, config.overwrite)
-    check_photos(config.face)
-    start = time.perf_counter()
-    pipe = load(config)
-    loading_ms = 1000 * (time.perf_counter() - start)
+    pipe, loading_ms = load_for(config, out)
     with staged_folder(out) as tmp:
         result = personalize(pipe, config)
         loras = {}
