@@ -12,6 +12,7 @@ conventions:
     clip_i_disruption   clip_i_disruption: generated vs same-seed image without the LoRA (PuLID's CLIP-I)
     lpips_diversity     lpips_diversity: pairwise across seeds of one prompt and identity
     lpips_preservation  lpips_preservation: vs the same seed without the LoRA, face masked out
+    keypoint_error      error_px, error_iod, detection_rate: detected face keypoints vs a control's (ControlNet)
     look_leakage        leakage_mean: copies of the reference's look the prompt asked to change (toy)
     prompt_adherence    adherence_mean: prompted look values present in the image (toy)
     summarize           mean, std, n (+ spread over seeds)
@@ -115,6 +116,38 @@ def clip_i_fidelity(generated_embeds, reference_embeds) -> dict:
 def clip_i_disruption(generated_embeds, no_lora_embeds) -> dict:
     """PuLID's CLIP-I (disruption; higher = less disruption): generated vs the same-seed image without the LoRA."""
     return clip_i(generated_embeds, no_lora_embeds, role="disruption")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pose
+
+
+def keypoint_error(detected_kps, target_kps) -> dict:
+    """Pose following (a ControlNet's): mean distance of the detected face's five keypoints from the control's.
+
+    detected_kps: per image a [5, 2] array in pixels, None where no face was detected; target_kps: [N, 5, 2] (or
+    one [5, 2] shared by all). Per image the mean over the five points, in pixels (`error_px`) and divided by the
+    target's inter-ocular distance (`error_iod`, scale-free: 0.1 is a tenth of the eye spacing). Images without a
+    face are left out of both means and counted in `detection_rate`.
+    """
+    rows = list(detected_kps)
+    if not rows:
+        raise ValueError("keypoint_error needs at least one image")
+    targets = np.asarray(target_kps, dtype=np.float64)
+    targets = np.broadcast_to(targets, (len(rows), 5, 2)) if targets.shape == (5, 2) else targets
+    if targets.shape != (len(rows), 5, 2):
+        raise ValueError(f"target_kps must be [5, 2] or [{len(rows)}, 5, 2], got {list(np.shape(target_kps))}")
+    detected = np.array([r is not None for r in rows])
+    px, iod = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
+    for i in np.flatnonzero(detected):
+        points = np.asarray(rows[i], dtype=np.float64)
+        if points.shape != (5, 2):
+            raise ValueError(f"detected_kps[{i}] must be [5, 2], got {list(points.shape)}")
+        px[i] = np.linalg.norm(points - targets[i], axis=1).mean()
+        iod[i] = px[i] / np.linalg.norm(targets[i, 1] - targets[i, 0])
+    mean = lambda v: float(np.mean(v[detected])) if detected.any() else float("nan")
+    return {"error_px": mean(px), "error_iod": mean(iod), "detection_rate": float(detected.mean()),
+            "n": len(rows), "per_image_px": px, "per_image_iod": iod, "detected": detected}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

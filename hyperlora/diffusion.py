@@ -1,6 +1,8 @@
-"""The diffusion training objective's pieces, shared by every trainer (the toy UNet, HyperLoRA's stages)."""
+"""The diffusion training objective's pieces, shared by every trainer (toy UNet and ControlNet, HyperLoRA's stages)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +39,13 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: fl
 
 
 def diffusion_loss(unet, scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
-                   snr_gamma: float | None = None) -> torch.Tensor:  # fmt: skip
+                   snr_gamma: float | None = None, *, unet_inputs: Callable | None = None) -> torch.Tensor:  # fmt: skip
     """The DDPM MSE of one SDXL batch (`latents`, `encoder_hidden_states`, `text_embeds`, `time_ids`) against the
-    scheduler's target, Min-SNR-gamma weighted if `snr_gamma`."""
+    scheduler's target, Min-SNR-gamma weighted if `snr_gamma`. `unet_inputs(noisy, timesteps, batch)`, if given,
+    returns more UNet keyword arguments computed from the noisy latents (a ControlNet's residuals)."""
     noisy, timesteps, target = noisy_inputs(scheduler, batch["latents"], generator)
     added = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
-    prediction = unet(noisy, timesteps, batch["encoder_hidden_states"], added_cond_kwargs=added).sample
+    extra = unet_inputs(noisy, timesteps, batch) if unet_inputs is not None else {}
+    prediction = unet(noisy, timesteps, batch["encoder_hidden_states"], added_cond_kwargs=added, **extra).sample
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * snr_weights(scheduler, timesteps, snr_gamma)).mean()

@@ -38,6 +38,9 @@ MAIN_JOB_PARAMETERS = {
                                "init": "{out}/03_stage1_base_lora/stage1/model"},
     "05_stage3_id_lora_arcface": {"steps": 200, "people": 300, "cache_dir": "{out}/cache",
                                   "init": "{out}/04_stage2_id_lora_clip/stage2/model"},
+    # two of the five ablations, one seed, 50 steps a stage on the same encoded pool: minutes, plumbing-sized (the
+    # notebook's README cell gives the hours-long command for all five at 300 steps and three seeds)
+    "07_ablations": {"cache_dir": "{out}/cache", "ablations": "stage1,stage3", "seeds": 1},
 }
 
 

@@ -1,4 +1,5 @@
-"""Command line of the toy world: `python -m hyperlora.toy build` retrains every toy model; `info` lists them."""
+"""Command line of the toy world: `python -m hyperlora.toy build` retrains every toy model; `info` lists them;
+`train-unet` and `train-controlnet` train one candidate model each."""
 
 from __future__ import annotations
 
@@ -40,9 +41,21 @@ def main(argv: list[str] | None = None) -> int:
                         "block_out_channels=[64,64,128] threads=1 (values parsed as JSON, else as strings)")
     p_unet.add_argument("--toy-dir", default=str(DEFAULT_TOY_DIR), help="toy folder holding clip/ and vae/")
     p_unet.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p_cn = commands.add_parser("train-controlnet", help="train a face-pose ControlNet for a toy UNet, resumable")
+    p_cn.add_argument("--out", required=True, help="the ControlNet folder to write (checkpoints/ inside while training)")  # fmt: skip
+    p_cn.add_argument("--unet", default=str(DEFAULT_TOY_DIR / "sdxl" / "unet"), help="the frozen UNet folder it "
+                      "steers (default: the shipped one)")  # fmt: skip
+    p_cn.add_argument("--pipeline", default=str(DEFAULT_TOY_DIR / "sdxl"), help="toy pipeline folder whose text "
+                      "encoders and VAE encode the training set")  # fmt: skip
+    p_cn.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="ControlNetTrainConfig overrides, "
+                      "e.g. steps=4000 batch_size=16 (values parsed as JSON, else as strings)")  # fmt: skip
+    p_cn.add_argument("--smoke", action="store_true", help="start from the smoke preset (seconds), not the defaults")
+    p_cn.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     args = parser.parse_args(argv)
     if args.command == "train-unet":
         return _train_unet(args)
+    if args.command == "train-controlnet":
+        return _train_controlnet(args)
     if args.command == "diagnose":
         from . import diagnostics
 
@@ -79,8 +92,30 @@ def _train_unet(args) -> int:
     card = next((like / n for n in ("training_card.json", "model_card.json") if (like / n).is_file()), None)
     if card is None:
         raise SystemExit(f"--like {like}: no training_card.json or model_card.json there")
-    values = json.loads(card.read_text())["config"]
-    for item in args.set:
+    values = {**json.loads(card.read_text())["config"], **_overrides(args.set)}
+    config = UNetTrainConfig.from_dict(values)  # unknown keys raise
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    toy = Path(args.toy_dir)
+    train_unet(config, args.out, clip_path=toy / "clip", vae_path=toy / "vae", resume=args.resume)
+    return 0
+
+
+def _train_controlnet(args) -> int:
+    import dataclasses
+
+    from .controlnet import ControlNetTrainConfig, train_controlnet
+
+    base = ControlNetTrainConfig.smoke() if args.smoke else ControlNetTrainConfig()
+    config = ControlNetTrainConfig.from_dict({**dataclasses.asdict(base), **_overrides(args.set)})  # unknown keys raise
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    train_controlnet(config, args.out, unet_dir=args.unet, pipeline_dir=args.pipeline, resume=args.resume)
+    return 0
+
+
+def _overrides(items: list[str]) -> dict:
+    """--set KEY=VALUE items as a dict, each value parsed as JSON where it parses, else kept as a string."""
+    values = {}
+    for item in items:
         key, sep, text = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
@@ -88,11 +123,7 @@ def _train_unet(args) -> int:
             values[key] = json.loads(text)
         except json.JSONDecodeError:
             values[key] = text
-    config = UNetTrainConfig.from_dict(values)  # unknown keys raise
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    toy = Path(args.toy_dir)
-    train_unet(config, args.out, clip_path=toy / "clip", vae_path=toy / "vae", resume=args.resume)
-    return 0
+    return values
 
 
 if __name__ == "__main__":

@@ -156,6 +156,8 @@ class TrainingCache:
     empty_pooled: torch.Tensor  # [1, pooled_dim]
     scaling_factor: float  # the VAE's latent scaling
     captions: list[str] = field(default_factory=list)
+    boxes: torch.Tensor | None = None  # [N, 4] ground-truth face boxes x1, y1, x2, y2 in pixels (a ControlNet's input)
+    keypoints: torch.Tensor | None = None  # [N, 5, 2] ground-truth eyes, nose tip, mouth corners in pixels
 
     def __len__(self) -> int:
         return len(self.latent_mean)
@@ -183,7 +185,8 @@ def build_cache(config: UNetTrainConfig, pipe, *, chunk: int = 64, progress: boo
         pooled.append(p.half())
     empty, _, empty_pooled, _ = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
     cache = TrainingCache(torch.cat(means), torch.cat(stds), torch.cat(embeds), torch.cat(pooled), empty, empty_pooled,
-                          float(pipe.vae.config.scaling_factor), captions)  # fmt: skip
+                          float(pipe.vae.config.scaling_factor), captions, torch.from_numpy(arrays["boxes"]),
+                          torch.from_numpy(arrays["keypoints"]))  # fmt: skip
     scaled_std = float(cache.latent_mean.std() * cache.scaling_factor)
     megabytes = sum(t.numel() * t.element_size() for t in (cache.latent_mean, cache.latent_std, cache.prompt_embeds))
     logger.info("cached %d images (%.0f MB); scaled latent std %.2f (SDXL aims at ~1)", len(cache), megabytes / 2**20,
@@ -192,7 +195,8 @@ def build_cache(config: UNetTrainConfig, pipe, *, chunk: int = 64, progress: boo
 
 
 def sample_batch(cache: TrainingCache, config: UNetTrainConfig, generator: torch.Generator) -> dict:
-    """A random batch of UNet inputs: scaled latents, text states (some dropped to ""), SDXL time ids."""
+    """A random batch of UNet inputs: scaled latents, text states (some dropped to ""), SDXL time ids, and the
+    cache rows drawn (`index`, for inputs a trainer derives from the cached ground truth)."""
     index = torch.randint(len(cache), (config.batch_size,), generator=generator)
     noise = torch.randn(cache.latent_mean[index].shape, generator=generator)
     latents = (cache.latent_mean[index] + cache.latent_std[index] * noise) * cache.scaling_factor
@@ -201,7 +205,8 @@ def sample_batch(cache: TrainingCache, config: UNetTrainConfig, generator: torch
     pooled = torch.where(drop[:, None], cache.empty_pooled, cache.pooled[index].float())
     size = config.image_size
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(config.batch_size, 1)
-    return {"latents": latents, "encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
+    return {"latents": latents, "encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids,
+            "index": index}  # fmt: skip
 
 
 @dataclass

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -300,7 +301,7 @@ def toy_training_set(run: TrainConfig, pipe, conditioner: Conditioner, trigger_w
     if failed:
         logger.warning("%d of %d pool images had no usable face (or augmented face) and are left out", failed, len(data))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: two runs encoding the same pool at once
     data.save(tmp, spec | {"captions": [r.caption for r in renders]})
     tmp.replace(path)
     return data
