@@ -189,3 +189,23 @@ def test_coefficient_cosine_is_one_for_one_generic_lora_and_lower_for_distinct_p
     assert coefficient_cosine(same, torch.tensor([0, 0, 1, 1])) == pytest.approx(1.0)
     distinct = torch.nn.functional.normalize(torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     assert coefficient_cosine(distinct, torch.tensor([0, 1, 2, 3])) < 0.9
+
+
+def test_ship_copies_the_last_stage_and_writes_a_card_of_every_stage(schedule, tmp_path):
+    from hyperlora.train.ship import main as ship_main
+    from hyperlora.train.ship import ship
+
+    out = ship([schedule], tmp_path / "shipped")
+    card = json.loads((out / "model_card.json").read_text())
+    assert [s["stage"] for s in card["stages"]] == [1, 2, 3]
+    assert [s["stage"] for s in card["figures"]["stages"]] == [1, 2, 3]
+    assert card["train_seconds"] == pytest.approx(sum(s["seconds"] for s in card["stages"]), abs=0.05)
+    assert "val_gap" in card["figures"]["stages"][-1]  # the last validation of stage 3
+    shipped, trained = _state(out), _state(schedule / "stage3" / "hyperlora")
+    assert shipped.keys() == trained.keys() and all(torch.equal(shipped[k], trained[k]) for k in shipped)
+    load_checkpoint(out)
+    assert ship_main([str(schedule), "--out", str(out)]) == 2  # exists: refused without --overwrite
+    assert ship_main([str(schedule), "--out", str(tmp_path / "small"), "--max-mb", "0.001"]) == 2
+    assert not (tmp_path / "small").exists()
+    with pytest.raises(FileNotFoundError, match="not a finished stage"):
+        ship([tmp_path], tmp_path / "none")

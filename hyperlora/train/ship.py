@@ -1,0 +1,120 @@
+r"""`python -m hyperlora.train.ship STAGE_DIR [STAGE_DIR ...] --out data/toy/hyperlora [--eval EVAL_DIR]`.
+
+A trained schedule as a model folder that explains itself: the last stage's exported checkpoint (the official
+four files, `base_resampler.safetensors` where there is a Base-LoRA, and `config.json`) plus a model card
+(`model_card.json` and `README.md`) holding every stage's resolved config, command line and git commit, its steps,
+seconds and final validation figures, the total training time and, with --eval, the evaluation harness's rows (ID
+similarity, CLIP-T, ...) with its label. STAGE_DIRs are the stages' run folders in training order (each holding
+`done.json`), or one schedule folder holding stage1/, stage2/, stage3/. The weights must stay under --max-mb (a
+shipped toy model is at most 25 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ..checkpoint import load_checkpoint
+from .loop import DONE_FILE
+
+CHECKPOINT = "hyperlora"  # the exported folder inside a stage's run folder
+EVAL_FIGURES = ("id_sim", "id_sim_std", "clip_t", "clip_i_fidelity", "adherence_mean", "lpips_diversity_mean",
+                "face_failure_rate", "n_images", "n_identities", "weights", "label")  # fmt: skip
+
+
+def stage_folders(paths: list[str | Path]) -> list[Path]:
+    """The stage run folders, in order: each given one, or the stage*/ folders of a schedule folder."""
+    folders = []
+    for path in map(Path, paths):
+        if (path / DONE_FILE).is_file():
+            folders.append(path)
+            continue
+        inner = sorted(p for p in path.glob("stage[0-9]") if (p / DONE_FILE).is_file())
+        if not inner:
+            raise FileNotFoundError(f"{path}: no {DONE_FILE} here or in a stage*/ folder: not a finished stage")
+        folders += inner
+    return folders
+
+
+def _last_json_line(path: Path) -> dict:
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def stage_record(folder: Path) -> dict:
+    """What the card says about one stage: its config, command, commit, steps, seconds, final validation."""
+    config = json.loads((folder / "config.json").read_text())
+    done = json.loads((folder / DONE_FILE).read_text())
+    return {"folder": str(folder), "stage": done["stage"], "steps": done["steps"],
+            "seconds": done["seconds_this_session"], "resumed_from_step": done["resumed_from_step"],
+            "final_validation": _last_json_line(folder / "val.jsonl"), "command": config.get("command"),
+            "git_commit": config.get("git_commit"), "config": config}  # fmt: skip
+
+
+def eval_rows(folder: str | Path) -> dict:
+    """The harness's summary.json rows (selected figures) by variant, and its label."""
+    summary = json.loads((Path(folder) / "summary.json").read_text())
+    rows = {row["variant"]: {k: row[k] for k in EVAL_FIGURES if k in row} for row in summary["rows"]}
+    return {"label": summary.get("label", ""), "rows": rows, "folder": str(folder)}
+
+
+def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | None = None, name: str = "toy HyperLoRA",
+         max_mb: float = 25.0, overwrite: bool = False) -> Path:  # fmt: skip
+    """Copy the last stage's checkpoint into `out` and write its model card; returns `out`."""
+    from ..toy.cards import folder_megabytes, write_model_card  # the card format every shipped model uses
+
+    folders = stage_folders(stages)
+    records = [stage_record(f) for f in folders]
+    source = folders[-1] / CHECKPOINT
+    load_checkpoint(source)  # a checkpoint that does not load is never shipped
+    size = folder_megabytes(source)
+    if size > max_mb:
+        raise ValueError(f"{source}: {size:.1f} MB of weights, over the {max_mb} MB a shipped model may take")
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    shutil.copytree(source, out)
+    figures = {"stages": [{k: r[k] for k in ("stage", "steps", "seconds", "resumed_from_step")}
+                          | {k: v for k, v in r["final_validation"].items() if k != "step"} for r in records]}  # fmt: skip
+    if evaluation is not None:
+        figures["evaluation"] = eval_rows(evaluation)
+    stages_text = ", ".join(f"stage {r['stage']} {r['steps']:,} steps" for r in records)
+    summary = (f"A HyperLoRA hypernetwork trained by `hyperlora.train` ({stages_text}); the checkpoint is the official "
+               "four-file format (plus the Base-LoRA resampler), fp16. Per-stage configs and commands: model_card.json "
+               "`stages`.")  # fmt: skip
+    if evaluation is not None and figures["evaluation"]["label"]:
+        summary += f" Evaluation label: {figures['evaluation']['label']}"
+    write_model_card(out, name=name, summary=summary, config=records[-1]["config"].get("stage", {}),
+                     train_seconds=sum(r["seconds"] for r in records), figures=figures,
+                     command=[sys.executable, "-m", "hyperlora.train.ship", *map(str, stages), "--out", str(out)],
+                     extra={"stages": records})  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hyperlora.train.ship", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("stages", nargs="+", help="the stages' run folders in order, or one schedule folder")
+    parser.add_argument("--out", required=True, help="the model folder to write (e.g. data/toy/hyperlora)")
+    parser.add_argument("--eval", help="an eval.run output folder scoring this checkpoint (its summary.json)")
+    parser.add_argument("--name", default="toy HyperLoRA")
+    parser.add_argument("--max-mb", type=float, default=25.0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        out = ship(args.stages, args.out, evaluation=args.eval, name=args.name, max_mb=args.max_mb,
+                   overwrite=args.overwrite)  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"shipped {out} ({json.loads((out / 'model_card.json').read_text())['weights_mb']:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
