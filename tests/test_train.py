@@ -209,3 +209,28 @@ def test_ship_copies_the_last_stage_and_writes_a_card_of_every_stage(schedule, t
     assert not (tmp_path / "small").exists()
     with pytest.raises(FileNotFoundError, match="not a finished stage"):
         ship([tmp_path], tmp_path / "none")
+
+
+def test_the_pool_keeps_each_face_box_and_the_face_weights_weigh_inside_it(schedule):
+    from hyperlora.toy.identity import split_identities
+    from hyperlora.toy.render import render_sample
+    from hyperlora.train.data import TrainingSet, sample_batch
+    from hyperlora.train.losses import face_weights
+
+    data, _ = TrainingSet.load(next((schedule / "cache").glob("train-*/training_set.safetensors")))
+    truth = render_sample(split_identities("train")[0], 0, tiny(2).run.data_seed)
+    size = truth.image.shape[0]
+    assert torch.allclose(data.face_box[0] * size, torch.tensor(truth.box, dtype=torch.float32), atol=3.0)
+    config = tiny(2, face_loss_weight=4.0)
+    batch = sample_batch(data, data.others(), config.stage, config.run, torch.Generator().manual_seed(0))
+    weights = face_weights(batch, (16, 16), 4.0)
+    assert weights.shape == (4, 16, 16) and torch.allclose(weights.mean((1, 2)), torch.ones(4))
+    assert (weights.amax((1, 2)) / weights.amin((1, 2)) - 5.0).abs().max() < 1e-5  # 1 + 4 inside, 1 outside
+    x1, y1, x2, y2 = (batch["face_box"][0] * 16).tolist()
+    inside = weights[0, int((y1 + y2) / 2), int((x1 + x2) / 2)]
+    assert inside == weights[0].max() and weights[0, 0, 0] == weights[0].min()
+    assert face_weights(batch, (16, 16), 0.0) == 1.0
+    with pytest.raises(ValueError, match="face boxes"):
+        face_weights({k: v for k, v in batch.items() if k != "face_box"}, (16, 16), 4.0)
+    with pytest.raises(ValueError, match="face_loss_weight"):
+        StageConfig(stage=2, face_loss_weight=-1.0)

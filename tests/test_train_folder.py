@@ -16,6 +16,7 @@ from hyperlora.train.data import TRAINING_SET_FILE, TrainingSet, sample_batch
 from hyperlora.train.folder import (
     REPORT_FILE,
     SDXL_BUCKETS,
+    box_in_crop,
     main,
     nearest_bucket,
     prepare_folder,
@@ -148,6 +149,10 @@ def test_buckets_scale_with_the_pipeline_and_photos_go_to_the_nearest_ratio():
     assert SDXL_BUCKETS[nearest_bucket((1080, 1920), SDXL_BUCKETS)] == (1344, 768), "9:16 portrait"
     crop, time_ids = resize_crop(Image.new("RGB", (300, 100)), (48, 84))
     assert crop.size == (84, 48) and time_ids == [100, 300, 0, 30, 48, 84]
+    # scale 0.48: x 120..180 of the photo -> 57.6..86.4, minus the left crop 30 -> 27.6..56.4 of 84 px
+    box = box_in_crop((120, 0, 180, 50), (300, 100), time_ids)
+    assert torch.allclose(box, torch.tensor([27.6 / 84, 0.0, 56.4 / 84, 0.5]))
+    assert box_in_crop((0, 0, 30, 100), (300, 100), time_ids)[2] == 0.0  # cropped away: clipped to the edge
 
 
 def test_cli_holds_out_persons_and_prints_each_skip_once(models, photos, tmp_path, capsys):

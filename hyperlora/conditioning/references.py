@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings as python_warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +30,17 @@ from .images import ConditioningError, ImageSource, describe, load_image
 
 class NoUsableReferenceError(ConditioningError, ValueError):
     """Every reference photo failed; the message lists each photo and why."""
+
+
+class PreparedPhoto(NamedTuple):
+    """One photo's conditioning (`Conditioner.prepare`)."""
+
+    crop: Image.Image  # the masked CLIP crop (ID branch)
+    embedding: np.ndarray  # the identity embedding
+    base: Image.Image | None  # the face-blurred image (Base branch), None without one
+    warnings: list[str]
+    digest: str  # the pixels' hash
+    box: tuple[float, float, float, float]  # the chosen face's box x1, y1, x2, y2 in the photo's pixels
 
 
 class ReferencePhotoWarning(UserWarning):
@@ -89,12 +101,13 @@ class Conditioner:
         self.options = {"pick": pick, "min_face_size": min_face_size, "grayscale": grayscale,
                         "remove_background": remove_background}  # fmt: skip
 
-    def prepare(self, source: ImageSource, name: str) -> tuple[Image.Image, np.ndarray, Image.Image | None, list[str], str]:
-        """One photo -> (CLIP crop, identity embedding, Base image or None, warnings, pixel hash)."""
+    def prepare(self, source: ImageSource, name: str) -> PreparedPhoto:
+        """One photo -> its CLIP crop, identity embedding, Base image or None, warnings, pixel hash and face box."""
         image = load_image(source)
         condition = id_condition(self.analyzer, image, name=name, **self.options)
         base = base_image(image, condition.face) if self.with_base else None
-        return condition.clip_image, condition.embedding, base, condition.warnings, image_hash(image)
+        box = tuple(float(v) for v in np.asarray(condition.face.bbox, dtype=np.float64)[:4])
+        return PreparedPhoto(condition.clip_image, condition.embedding, base, condition.warnings, image_hash(image), box)
 
     def __call__(self, sources: list[ImageSource] | ImageSource) -> ReferenceFeatures:
         """Every usable photo's features; skipped photos and warnings are also raised as ReferencePhotoWarning."""
@@ -106,7 +119,7 @@ class Conditioner:
         for index, source in enumerate(sources):
             name = _name(source, index)
             try:
-                crop, embedding, base, notes, digest = self.prepare(source, name)
+                crop, embedding, base, notes, digest, _ = self.prepare(source, name)
             except ConditioningError as err:
                 failures[name] = _reason(err, name, describe(source))
                 continue

@@ -43,6 +43,9 @@ class StageConfig:
     # (batch_size / this references per step): the resampler runs once per reference, the cost it dominates
     base_in_id_stages: bool = True  # stages 2-3 use the frozen Base-LoRA of stage 1 in cases (a) and (c);
     # False trains the ID-LoRA without it (the decoupling ablation: stages 2-3 only)
+    face_loss_weight: float = 0.0  # the diffusion loss weighs 1 + this inside the detected face box (1 outside),
+    # normalised per image: identity lives in the face, a small part of a portrait's pixels (a masked loss, as
+    # kohya's sd-scripts `--masked_loss`). 0: the paper's plain loss (facts §5.2: "no extra regulariser")
 
     def __post_init__(self):
         self.train_groups, self.id_inputs = tuple(self.train_groups), tuple(self.id_inputs)
@@ -58,6 +61,8 @@ class StageConfig:
             raise ValueError(f"case_probs must be three non-negative probabilities summing to 1, got {self.case_probs}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        if self.face_loss_weight < 0:
+            raise ValueError(f"face_loss_weight must be >= 0, got {self.face_loss_weight}")
         if self.targets_per_reference < 1:
             raise ValueError(f"targets_per_reference must be >= 1, got {self.targets_per_reference}")
         if self.steps < 1 or self.lr <= 0:

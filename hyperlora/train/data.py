@@ -66,6 +66,9 @@ class TrainingSet:
     clip_base: torch.Tensor  # [N, T, H] fp16: CLIP tokens of the face-blurred image (Base branch)
     valid: torch.Tensor  # [N] bool: face analysis succeeded on the image and on its augmented copy
     scaling_factor: float = 1.0  # the VAE's latent scaling
+    face_box: torch.Tensor | None = None  # [N, 4] the detected face box x1, y1, x2, y2 as fractions of the training
+    # image's width and height (NaN where no face): where StageConfig.face_loss_weight weights the loss. None: a set
+    # prepared before face boxes were kept
 
     def __len__(self) -> int:
         return len(self.person)
@@ -162,6 +165,7 @@ def sample_batch(data: TrainingSet, others: list[torch.Tensor], stage: StageConf
         "clip": clip_id.float(), "arcface": arcface.float(), "clip_base": data.clip_base[index].float(), "case": case,
         "group": torch.arange(len(anchors)).repeat_interleave(m), "index": index, "reference": reference,
         "person": data.person[reference],
+        **({"face_box": data.face_box[index]} if data.face_box is not None else {}),
     }  # fmt: skip
 
 
@@ -193,8 +197,10 @@ def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def _conditioning(conditioner: Conditioner, images: list[Image.Image], dims: tuple[int, int, int]):
-    """Per image: (clip_id, arcface, clip_base, ok); failed images get zero rows and ok False."""
+    """Per image: (clip_id, arcface, clip_base, ok, face_box as fractions of the image); failed images get zero rows
+    (NaN boxes) and ok False."""
     tokens, hidden, embed_dim = dims
+    face_box = torch.full((len(images), 4), float("nan"))
     clip_id = torch.zeros(len(images), tokens, hidden)
     clip_base = torch.zeros(len(images), tokens, hidden)
     arcface = torch.zeros(len(images), embed_dim)
@@ -202,10 +208,11 @@ def _conditioning(conditioner: Conditioner, images: list[Image.Image], dims: tup
     crops, bases, rows = [], [], []
     for i, image in enumerate(images):
         try:
-            crop, embedding, base, _, _ = conditioner.prepare(image, f"image {i}")
+            crop, embedding, base, _, _, box = conditioner.prepare(image, f"image {i}")
         except ConditioningError as err:
             logger.debug("image %d skipped: %s", i, err)
             continue
+        face_box[i] = torch.tensor(box) / torch.tensor([image.width, image.height] * 2)
         crops.append(crop)
         bases.append(base)
         arcface[i] = torch.from_numpy(np.asarray(embedding, np.float32))
@@ -214,7 +221,7 @@ def _conditioning(conditioner: Conditioner, images: list[Image.Image], dims: tup
         ok[rows] = True
         clip_id[rows] = conditioner.clip(crops).float().cpu()
         clip_base[rows] = conditioner.clip(bases).float().cpu()
-    return clip_id, arcface, clip_base, ok
+    return clip_id, arcface, clip_base, ok, face_box
 
 
 @torch.no_grad()
@@ -248,10 +255,11 @@ def encode_images(images: list[Image.Image], captions: list[str], persons: list[
                       mininterval=5):  # fmt: skip
         batch, text = images[start : start + chunk], captions[start : start + chunk]
         encoded = encode_latents_and_text(pipe, batch, text, trigger_words)
-        clip_id, arcface, clip_base, ok = _conditioning(conditioner, batch, dims)
-        clip_aug, arc_aug, _, ok_aug = _conditioning(conditioner, [augment(im, rng) for im in batch], dims)
+        clip_id, arcface, clip_base, ok, face_box = _conditioning(conditioner, batch, dims)
+        clip_aug, arc_aug, _, ok_aug, _ = _conditioning(conditioner, [augment(im, rng) for im in batch], dims)
         encoded |= {"clip_id": clip_id.half(), "arcface": arcface, "clip_base": clip_base.half(),
-                    "clip_id_aug": clip_aug.half(), "arcface_aug": arc_aug, "valid": ok & ok_aug}  # fmt: skip
+                    "clip_id_aug": clip_aug.half(), "arcface_aug": arc_aug, "valid": ok & ok_aug,
+                    "face_box": face_box}  # fmt: skip
         for key, value in encoded.items():
             parts.setdefault(key, []).append(value)
     empty, _, empty_pooled, _ = pipe.encode_prompt("", device=vae.device, do_classifier_free_guidance=False)
@@ -285,7 +293,9 @@ def toy_training_set(run: TrainConfig, pipe, conditioner: Conditioner, trigger_w
     n_people = num_identities or run.num_identities
     spec = {"split": split, "people": n_people, "looks": run.images_per_identity, "seed": run.data_seed,
             "pipeline": str(Path(run.pipeline).resolve()), "clip": str(Path(run.clip).resolve()),
-            "faces": str(Path(run.faces).resolve()), "trigger_words": trigger_words}  # fmt: skip
+            "faces": str(Path(run.faces).resolve()), "trigger_words": trigger_words,
+            "face_box": True}  # fmt: skip
+    # ("face_box": sets cached before the face boxes were kept are encoded again)
     path = Path(cache_dir) / f"{split}-{cache_key(spec)}" / TRAINING_SET_FILE
     if path.is_file():
         data, _ = TrainingSet.load(path)

@@ -130,6 +130,17 @@ def resize_crop(image: Image.Image, target: tuple[int, int]) -> tuple[Image.Imag
     return crop, [h, w, top, left, th, tw]
 
 
+def box_in_crop(box, size: tuple[int, int], time_ids: list[int]) -> torch.Tensor:
+    """A face box x1, y1, x2, y2 in the photo's pixels -> fractions of `resize_crop`'s crop (time ids h, w, top,
+    left, th, tw), clipped to it."""
+    (w, h), (_, _, top, left, th, tw) = size, time_ids
+    scale = max(th / h, tw / w)
+    x1, y1, x2, y2 = box
+    out = torch.tensor([(x1 * scale - left) / tw, (y1 * scale - top) / th, (x2 * scale - left) / tw,
+                        (y2 * scale - top) / th], dtype=torch.float32)  # fmt: skip
+    return out.clamp(0, 1)
+
+
 def _reason(err: Exception, name: str) -> str:
     """The error's message without the leading "name: " the conditioning errors start with."""
     text = str(err)
@@ -146,12 +157,12 @@ def _prepare_photo(entry: Entry, src: Path, pipe, conditioner: Conditioner, buck
     except ConditioningError as err:
         raise ConditioningError(_reason(err, str(path))) from None
     try:
-        crop, embedding, base, warnings, _ = conditioner.prepare(image, entry.file)
+        crop, embedding, base, warnings, _, box = conditioner.prepare(image, entry.file)
     except ConditioningError as err:
         raise ConditioningError(_reason(err, entry.file)) from None
     rng = np.random.default_rng([seed, zlib.crc32(entry.file.encode())])  # per photo, whatever else is skipped
     try:  # the "self" reference: the same photo flipped, shifted and scaled (as encode_images does)
-        crop_aug, embedding_aug, _, _, _ = conditioner.prepare(augment(image, rng), "augmented copy")
+        crop_aug, embedding_aug, *_ = conditioner.prepare(augment(image, rng), "augmented copy")
     except ConditioningError as err:
         raise ConditioningError(f"augmented copy ('self' reference): {_reason(err, 'augmented copy')}") from None
     clip = conditioner.clip([crop, crop_aug, base]).float().cpu()
@@ -161,7 +172,8 @@ def _prepare_photo(entry: Entry, src: Path, pipe, conditioner: Conditioner, buck
     rows = {key: value[0] for key, value in encoded.items()}
     rows |= {"clip_id": clip[0].half(), "clip_id_aug": clip[1].half(), "clip_base": clip[2].half(),
              "arcface": torch.from_numpy(np.asarray(embedding, np.float32)),
-             "arcface_aug": torch.from_numpy(np.asarray(embedding_aug, np.float32))}  # fmt: skip
+             "arcface_aug": torch.from_numpy(np.asarray(embedding_aug, np.float32)),
+             "face_box": box_in_crop(box, image.size, time_ids)}  # fmt: skip
     return Photo(entry, bucket, time_ids, rows), warnings
 
 

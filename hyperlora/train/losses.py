@@ -85,9 +85,28 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
             scales.append(base_scale)
         with functional_lora(unet, loras, scales):
             prediction = _unet(unet, noisy, timesteps, batch)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1) * weights
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(1)  # [B, h, w]
+    per_sample = (error * face_weights(batch, error.shape[-2:], stage.face_loss_weight)).flatten(1).mean(1) * weights
     stats = {f"loss_{name}": float(per_sample[case == k].detach().mean()) for k, name in enumerate(CASES) if (case == k).any()}
     return per_sample.mean(), stats
+
+
+def face_weights(batch: dict, size: tuple[int, int], weight: float) -> torch.Tensor | float:
+    """Per-pixel loss weights [B, h, w]: 1 + weight inside each image's face box (latent cells whose centre lies in
+    it), scaled so each image's weights average 1; 1.0 when weight is 0. Images without a face box get 1s."""
+    if weight == 0:
+        return 1.0
+    if "face_box" not in batch:
+        raise ValueError("face_loss_weight > 0 needs the training set's face boxes: this set was prepared before "
+                         "they were kept; prepare it again (a toy pool is re-encoded by deleting its cache folder)")
+    box = batch["face_box"].float()
+    h, w = size
+    ys = (torch.arange(h, device=box.device) + 0.5) / h
+    xs = (torch.arange(w, device=box.device) + 0.5) / w
+    inside_x = (xs[None] >= box[:, 0, None]) & (xs[None] <= box[:, 2, None])  # [B, w]; NaN boxes: False
+    inside_y = (ys[None] >= box[:, 1, None]) & (ys[None] <= box[:, 3, None])  # [B, h]
+    weights = 1.0 + weight * (inside_y[:, :, None] & inside_x[:, None, :]).float()
+    return weights / weights.flatten(1).mean(1)[:, None, None]
 
 
 @torch.no_grad()
