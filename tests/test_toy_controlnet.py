@@ -85,7 +85,7 @@ def test_bad_inputs_raise_and_say_what_is_wrong(tmp_path, trained):
         ControlNetTrainConfig.from_dict({"stepz": 3})
     narrow = UNetTrainConfig(block_out_channels=(32, 32, 64), attention_heads=(2, 2, 4), layers_per_block=1)
     other = build_toy_unet(narrow, cross_attention_dim=128, pooled_dim=64, latent_channels=8)
-    with pytest.raises(ValueError, match=r"another UNet: block_out_channels: ControlNet \[32, 64, 128\] vs UNet"):
+    with pytest.raises(ValueError, match=r"another UNet: block_out_channels: ControlNet \[64, 64, 128\] vs UNet"):
         check_matches(ControlNetModel.from_pretrained(trained), other)
     with pytest.raises(FileNotFoundError, match="train-controlnet"):
         load_parts(ControlEvalConfig(controlnet=str(tmp_path / "none")), tmp_path)

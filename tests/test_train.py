@@ -96,7 +96,7 @@ def test_a_stage_changes_only_the_parameters_it_owns(schedule, unet):
     before = {n: p.detach().clone() for n, p in init.named_parameters()}
     after = {1: _state(schedule / "stage1" / "model"), 2: _state(schedule / "stage2" / "model"),
              3: _state(schedule / "stage3" / "model")}  # fmt: skip
-    owned = {1: {"base"}, 2: {"id_basis", "resampler_core", "clip_path"}, 3: {"arcface_path"}}
+    owned = {1: {"base"}, 2: {"id_basis", "resampler_core", "clip_path"}, 3: {"id_basis", "resampler_core", "arcface_path"}}
     previous = {n: before[n] for n in before}
     for stage in (1, 2, 3):
         changed = {group_of(n) for n, v in after[stage].items() if not torch.equal(v, previous[n])}

@@ -71,9 +71,12 @@ class StageConfig:
     @property
     def groups(self) -> tuple[str, ...]:
         """The groups this stage trains: stage 1 the Base branch, stage 2 the ID-LoRA's CLIP side and the shared
-        resampler, stage 3 only the ArcFace path (ID projector, proj_in, the ArcFace cross-attention)."""
+        resampler, stage 3 the ID-LoRA continuing with the ArcFace path (ID projector, proj_in, the ArcFace
+        cross-attention) while the CLIP path stays frozen. Stage 3 once trained the ArcFace path alone (issue 17's
+        wording; `--train-groups arcface_path`): with the bases frozen as stage 2 left them it cannot grow the
+        ID-LoRA (gradient norm 5e-6, coefficients 0.99994 alike between people after 500 toy steps; README)."""
         return self.train_groups or {1: ("base",), 2: ("id_basis", "resampler_core", "clip_path"),
-                                     3: ("arcface_path",)}[self.stage]  # fmt: skip
+                                     3: ("id_basis", "resampler_core", "arcface_path")}[self.stage]  # fmt: skip
 
     @property
     def inputs(self) -> tuple[str, ...]:
