@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +25,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import ControlNetModel, UNet2DConditionModel
-from tqdm.auto import tqdm
 
 from ..config import strict_from_dict
 from ..diffusion import diffusion_loss
-from ..train.resume import latest_checkpoint, save_checkpoint
+from ..train.resume import run_logged_steps
 from .cards import read_model_card, write_model_card
 from .pipeline import DEFAULT_PIPELINE_DIR, REPO_ROOT, load_toy_pipeline, trained_prediction_type
 from .unet import LOSSES_FILE, TrainingCache, build_cache, sample_batch, training_state
@@ -246,29 +244,12 @@ def train_controlnet(config: ControlNetTrainConfig, out_dir: str | Path, unet_di
     out_dir.mkdir(parents=True, exist_ok=True)
     controlnet, state = training_state(controlnet, config, accelerator)
     unet.to(accelerator.device)
-    curve, window, start, first = [], [], time.perf_counter(), 1
-    latest = latest_checkpoint(out_dir) if resume else None
-    if latest is not None:
-        accelerator.load_state(str(latest[0]))
-        curve = json.loads((latest[0] / LOSSES_FILE).read_text())
-        first = latest[1] + 1
-        logger.info("resumed %s at step %d", out_dir, latest[1])
     controlnet.train()
-    bar = tqdm(range(first, config.steps + 1), initial=first - 1, total=config.steps, desc="training ControlNet",
-               disable=not progress or not accelerator.is_main_process)  # fmt: skip
-    for step in bar:
-        window.append(train_step(controlnet, unet, cache, state, config).item())
-        if step % config.log_every == 0 or step == config.steps:
-            elapsed = time.perf_counter() - start
-            curve.append({"step": step, "loss": sum(window) / len(window), "seconds": round(elapsed, 1)})
-            logger.info("step %d/%d loss %.4f (%.2f steps/s)", step, config.steps, curve[-1]["loss"],
-                        (step - first + 1) / elapsed)  # fmt: skip
-            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-            window = []
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            save_checkpoint(accelerator, out_dir, step, config.keep_checkpoints)
-            (out_dir / "checkpoints" / f"step-{step}" / LOSSES_FILE).write_text(json.dumps(curve) + "\n")
-    seconds = time.perf_counter() - start
+    curve, seconds, first = run_logged_steps(
+        lambda: train_step(controlnet, unet, cache, state, config), accelerator=accelerator, out=out_dir,
+        total=config.steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+        keep=config.keep_checkpoints, resume=resume, desc="training ControlNet", progress=progress,
+        logger=logger)  # fmt: skip
     controlnet = accelerator.unwrap_model(controlnet)
     if state.ema is not None:
         state.ema.copy_to(controlnet.parameters())

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 from ..config import strict_from_dict
 from ..diffusion import diffusion_loss
 from ..targets import find_targets
-from ..train.resume import GeneratorState, latest_checkpoint, save_checkpoint
+from ..train.resume import CURVE_FILE, GeneratorState, run_logged_steps
 from .cards import read_model_card, write_model_card
 from .data import ToyPortraits, render_arrays, to_tensor
 from .identity import nonsense_prefix, split_identities
@@ -43,7 +42,7 @@ from .pipeline import NOISE_SCHEDULE, make_pipeline, text_components, toy_vae
 
 logger = logging.getLogger(__name__)
 
-LOSSES_FILE = "losses.json"  # the loss curve, one mean per logging window
+LOSSES_FILE = CURVE_FILE  # the loss curve, one mean per logging window
 
 
 @dataclass
@@ -289,37 +288,18 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae
     if config.init_from:
         load_init(unet, config.init_from)
     unet, state = training_state(unet, config, accelerator)
-    curve, window, start, first = [], [], time.perf_counter(), 1
-    latest = latest_checkpoint(out_dir) if resume else None
-    if latest is not None:
-        accelerator.load_state(str(latest[0]))
-        curve = json.loads((latest[0] / LOSSES_FILE).read_text())
-        first = latest[1] + 1
-        logger.info("resumed %s at step %d", out_dir, latest[1])
     unet.train()
-    quiet = not progress or not accelerator.is_main_process
-    bar = tqdm(range(first, config.steps + 1), initial=first - 1, total=config.steps, desc="training UNet",
-               disable=quiet)  # fmt: skip
-    for step in bar:
-        loss = train_step(unet, cache, state, config)
-        window.append(loss.item())
-        if step % config.log_every == 0 or step == config.steps:
-            elapsed = time.perf_counter() - start
-            curve.append({"step": step, "loss": sum(window) / len(window), "seconds": round(elapsed, 1)})
-            logger.info("step %d/%d loss %.4f (%.2f steps/s)", step, config.steps, curve[-1]["loss"], step / elapsed)
-            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-            window = []
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            save_checkpoint(accelerator, out_dir, step, config.keep_checkpoints)
-            (out_dir / "checkpoints" / f"step-{step}" / LOSSES_FILE).write_text(json.dumps(curve) + "\n")
-    seconds = time.perf_counter() - start
+    curve, seconds, first = run_logged_steps(
+        lambda: train_step(unet, cache, state, config), accelerator=accelerator, out=out_dir, total=config.steps,
+        log_every=config.log_every, checkpoint_every=config.checkpoint_every, keep=config.keep_checkpoints,
+        resume=resume, desc="training UNet", progress=progress, logger=logger)  # fmt: skip
     unet = accelerator.unwrap_model(unet)
     if state.ema is not None:
         state.ema.copy_to(unet.parameters())
     unet.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / LOSSES_FILE).write_text(json.dumps(curve) + "\n")
     figures = {"parameters": n_params, "attention_modules": len(find_targets(unet)), "images": len(cache),
-               "steps_per_second": config.steps / seconds, "first_loss": curve[0]["loss"],
+               "steps_per_second": (config.steps - first + 1) / seconds, "first_loss": curve[0]["loss"],
                "final_loss": curve[-1]["loss"]}  # fmt: skip
     sources = {"clip": str(clip_path or "random stand-in"), "vae": str(vae_path or "random stand-in")}
     write_model_card(out_dir, name="toy SDXL UNet", config=config, train_seconds=seconds, figures=figures,
@@ -327,7 +307,7 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae
                      f"({config.prediction_type} prediction, scaled_linear schedule, 10 % caption dropout). "
                      "Loss curve: losses.json.",
                      extra={"sources": sources})  # fmt: skip
-    logger.info("UNet written to %s (%.0f s, %.2f steps/s)", out_dir, seconds, config.steps / seconds)
+    logger.info("UNet written to %s (%.0f s this session)", out_dir, seconds)
     return out_dir
 
 

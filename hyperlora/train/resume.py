@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 STEP_FILE = "step.json"
 
@@ -47,3 +49,38 @@ class GeneratorState:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["state"])
+
+
+CURVE_FILE = "losses.json"  # a run's loss curve: one mean per logging window (also inside each checkpoint)
+
+
+def run_logged_steps(step_fn, *, accelerator: Accelerator, out: Path, total: int, log_every: int,
+                     checkpoint_every: int, keep: int, resume: bool, desc: str, progress: bool,
+                     logger) -> tuple[list[dict], float, int]:  # fmt: skip
+    """Steps 1..total of a single-model trainer (the toy UNet, the toy ControlNet), resumed from the newest
+    checkpoint with `resume`: `step_fn()` runs one optimiser step and returns its loss. Logs a loss curve point
+    every `log_every` steps and saves a resumable checkpoint (with the curve so far) every `checkpoint_every`.
+    Returns (the loss curve, seconds this session, the first step run this session)."""
+    out = Path(out)
+    curve, window, start, first = [], [], time.perf_counter(), 1
+    latest = latest_checkpoint(out) if resume else None
+    if latest is not None:
+        accelerator.load_state(str(latest[0]))
+        curve = json.loads((latest[0] / CURVE_FILE).read_text())
+        first = latest[1] + 1
+        logger.info("resumed %s at step %d", out, latest[1])
+    bar = tqdm(range(first, total + 1), initial=first - 1, total=total, desc=desc,
+               disable=not progress or not accelerator.is_main_process)  # fmt: skip
+    for step in bar:
+        window.append(step_fn().item())
+        if step % log_every == 0 or step == total:
+            elapsed = time.perf_counter() - start
+            curve.append({"step": step, "loss": sum(window) / len(window), "seconds": round(elapsed, 1)})
+            logger.info("step %d/%d loss %.4f (%.2f steps/s)", step, total, curve[-1]["loss"],
+                        (step - first + 1) / elapsed)  # fmt: skip
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+            window = []
+        if checkpoint_every and step % checkpoint_every == 0 and step < total:
+            save_checkpoint(accelerator, out, step, keep)
+            (out / "checkpoints" / f"step-{step}" / CURVE_FILE).write_text(json.dumps(curve) + "\n")
+    return curve, time.perf_counter() - start, first
