@@ -33,7 +33,8 @@ def test_shipped_face_models_load_and_tell_identities_apart():
 
 
 SHIPPED = ("clip", "faces", "vae", "sdxl")  # what `data/toy` holds in git (the build's unet/ is intermediate)
-BUDGET_MB = 60
+BUDGET_MB = 62  # was 60: the UNet with 64 channels at level 0 (the first to pass the base model's gates and carry a
+# person through HyperLoRA's target linears; README, check 0) is 2.3 MB larger in float16, 60.7 MB in all
 
 
 def _folder_mb(path: Path) -> float:
