@@ -22,6 +22,9 @@ from eval.ablation import (
 from hyperlora.sweep import error_line
 
 
+STAGE3_GROUPS = ("id_basis", "resampler_core", "arcface_path")  # stage 3 after stage 2: CLIP path frozen
+
+
 def configs_of(tmp_path, **values):
     return {c.stage.stage: c for c in stage_configs(AblationPoint(**values), tmp_path)}
 
@@ -29,8 +32,8 @@ def configs_of(tmp_path, **values):
 @pytest.mark.parametrize(
     "stages, expected, has_base, groups_3, steps_3",
     [
-        ("1,2,3", [1, 2, 3], True, ("arcface_path",), 10),  # the paper's schedule
-        ("2+3", [2, 3], False, ("arcface_path",), 10),  # without stage 1: no Base-LoRA branch
+        ("1,2,3", [1, 2, 3], True, STAGE3_GROUPS, 10),  # the paper's schedule
+        ("2+3", [2, 3], False, STAGE3_GROUPS, 10),  # without stage 1: no Base-LoRA branch
         ("1,3", [1, 3], True, ID_GROUPS, 20),  # ArcFace from scratch after stage 1
         ("3", [3], False, ID_GROUPS, 20),  # ArcFace from scratch, nothing before
     ],
