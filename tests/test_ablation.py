@@ -11,16 +11,13 @@ from eval.ablation import (
     BASELINE,
     ID_GROUPS,
     AblationPoint,
-    ablation_table,
-    format_table,
     main,
     parse_stages,
-    plot_ablation,
     stage_configs,
     sweep,
 )
+from eval.ablation_report import ablation_table, format_table, plot_ablation
 from hyperlora.sweep import error_line
-
 
 STAGE3_GROUPS = ("id_basis", "resampler_core", "arcface_path")  # stage 3 after stage 2: CLIP path frozen
 
