@@ -169,7 +169,7 @@ def train(point: AblationPoint, out: Path, *, resume: bool = False, progress: bo
         done = json.loads((stage / DONE_FILE).read_text())
         val = _last_line(stage / "val.jsonl")
         stages[str(config.stage.stage)] = {
-            "steps": config.stage.steps, "seconds": done["seconds_this_session"],
+            "steps": config.stage.steps, "seconds": done.get("seconds", done["seconds_this_session"]),
             "resumed_from_step": done["resumed_from_step"], "train_groups": list(config.stage.groups),
             "val_gap": val.get("val_gap"), "val_coefficient_cosine": val.get("val_coefficient_cosine"),
         }  # fmt: skip

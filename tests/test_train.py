@@ -145,6 +145,11 @@ def test_a_run_killed_and_resumed_ends_with_bit_identical_weights(schedule, tmp_
     assert json.loads((resumed / "done.json").read_text())["resumed_from_step"] == 2
     steps = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], f"a resumed run's log holds each step once, got {steps}"
+    done = json.loads((resumed / "done.json").read_text())
+    log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert done["seconds"] == pytest.approx(sum(line["seconds"] for line in log), abs=0.05), (
+        "a resumed stage's seconds count the killed session's steps too"
+    )
 
 
 def test_two_process_accelerate_run_keeps_the_processes_weights_identical(schedule, tmp_path):

@@ -2,12 +2,13 @@
 
 A stage's run folder holds
     config.json        the resolved RunConfig, the command line, the git commit
-    log.jsonl          one line per `log_every` steps: loss, per-case losses, lr, grad norm, images/s
+    log.jsonl          one line per `log_every` steps: loss, per-case losses, lr, grad norm, images/s, seconds
     val.jsonl          validation: case (a) loss with the right reference against a shuffled one
     checkpoints/step-N accelerate's resumable state (weights, AdamW, LR schedule, EMA, RNG), the newest kept
     model/             the trained hypernetwork in the official four-file layout, float32 (the next stage's start)
     hyperlora/         the same in `export_dtype` (what users load: `hyperlora.checkpoint.load_checkpoint`)
-    done.json          written last: steps, seconds, final figures; a stage with it is complete
+    done.json          written last: steps, seconds (every session's, from the log; `logged_seconds`) and the
+                       seconds of the last session; a stage with it is complete
 Batches depend only on (seed, stage, step, micro-step, process), so `--resume` continues bit for bit.
 """
 
@@ -110,6 +111,20 @@ def _truncate_logs(out: Path, step: int) -> None:
             path.write_text("".join(line + "\n" for line in lines))
 
 
+def logged_seconds(out: str | Path) -> float:
+    """A stage's training seconds over every session that ran it: the sum of its log windows (validation and
+    checkpoints included; model loading not). Lines without `seconds` (older runs) count `images / images_per_s`."""
+    config = json.loads((Path(out) / "config.json").read_text())
+    run = config["run"]
+    per_step = run["batch_size"] * run["grad_accum"] * config.get("num_processes", 1)
+    total, previous = 0.0, 0
+    for text in (Path(out) / "log.jsonl").read_text().splitlines():
+        line = json.loads(text)
+        total += line.get("seconds", (line["step"] - previous) * per_step / line["images_per_s"])
+        previous = line["step"]
+    return total
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -189,7 +204,7 @@ def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir:
 def _log_line(window: list[dict], step: int, seconds: float, trainer: Trainer) -> dict:
     run = trainer.config.run
     images = len(window) * run.batch_size * run.grad_accum * trainer.accelerator.num_processes
-    line = {"step": step, "lr": trainer.schedule.get_last_lr()[0], "images_per_s": images / seconds}
+    line = {"step": step, "lr": trainer.schedule.get_last_lr()[0], "images_per_s": images / seconds, "seconds": seconds}
     for key in {k for w in window for k in w}:
         values = [w[key] for w in window if key in w]
         line[key] = sum(values) / len(values)
@@ -260,8 +275,8 @@ def _export(trainer: Trainer, out: Path, seconds: float, start: int, init) -> Pa
                  "stage": config.stage.stage, "steps": config.stage.steps}  # fmt: skip
         save_hyperlora(model, out / "model", extra=extra)
         save_hyperlora(model, out / "hyperlora", dtype=getattr(torch, config.run.export_dtype), extra=extra)
-        done = {"stage": config.stage.stage, "steps": config.stage.steps, "seconds_this_session": round(seconds, 1),
-                "resumed_from_step": start}  # fmt: skip
+        done = {"stage": config.stage.stage, "steps": config.stage.steps, "seconds": round(logged_seconds(out), 1),
+                "seconds_this_session": round(seconds, 1), "resumed_from_step": start}  # fmt: skip
         (out / DONE_FILE).write_text(json.dumps(done, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return out / "model"

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import load_checkpoint
-from .loop import DONE_FILE
+from .loop import DONE_FILE, logged_seconds
 
 CHECKPOINT = "hyperlora"  # the exported folder inside a stage's run folder
 EVAL_FIGURES = ("id_sim", "id_sim_std", "clip_t", "clip_i_fidelity", "adherence_mean", "lpips_diversity_mean",
@@ -49,7 +49,7 @@ def stage_record(folder: Path) -> dict:
     config = json.loads((folder / "config.json").read_text())
     done = json.loads((folder / DONE_FILE).read_text())
     return {"folder": str(folder), "stage": done["stage"], "steps": done["steps"],
-            "seconds": done["seconds_this_session"], "resumed_from_step": done["resumed_from_step"],
+            "seconds": round(logged_seconds(folder), 1), "resumed_from_step": done["resumed_from_step"],
             "final_validation": _last_json_line(folder / "val.jsonl"), "command": config.get("command"),
             "git_commit": config.get("git_commit"), "config": config}  # fmt: skip
 
