@@ -12,9 +12,11 @@ from hyperlora.train.loop import train_stage
 from hyperlora.train.preview import (
     CELL_INCHES,
     DPI,
+    compare_schedules,
     plot_training,
     read_log,
     run_folder_of,
+    schedule_curve,
     stage_configs,
     summarize,
     validation_grid,
@@ -50,6 +52,28 @@ def test_plot_training_and_summary_of_fake_runs(tmp_path):
     assert summary["final"] == {"step": 2, "loss": 0.4, "loss_a": 0.5, "loss_b": None} and summary["done"] is None
     assert summary["validation"]["val_gap"] == 0.05
     assert run_folder_of(folders["stage 2"] / "model") == folders["stage 2"] and run_folder_of(tmp_path) is None
+
+
+def _fake_stage(folder, stage: int, steps: int, gaps: list[float]):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"stage": {"stage": stage, "steps": steps}}))
+    lines = [{"step": 500 * (i + 1), "val_gap": g, "val_coefficient_cosine": 1 - g} for i, g in enumerate(gaps)]
+    (folder / "val.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def test_schedule_curve_puts_later_stages_after_earlier_ones_and_the_figure_has_a_panel_per_measure(tmp_path):
+    s2 = _fake_stage(tmp_path / "s2", 2, 1000, [0.0, 0.1])
+    s3 = _fake_stage(tmp_path / "s3", 3, 1500, [0.2, 0.3, 0.4])
+    curve = schedule_curve([s2, s3])
+    assert curve["step"] == [500, 1000, 1500, 2000, 2500] and curve["stage"] == [2, 2, 3, 3, 3]
+    assert curve["starts"] == [1000] and curve["val_gap"][2] == 0.2
+    assert curve["val_coefficient_cosine"][-1] == pytest.approx(0.6)
+    scratch = _fake_stage(tmp_path / "scratch", 3, 2500, [0.1] * 5)
+    two = compare_schedules({"CLIP first": [s2, s3], "scratch": [scratch]}, tmp_path / "a.png")
+    three = compare_schedules({"CLIP first": [s2, s3], "scratch": [scratch]}, tmp_path / "b.png",
+                              id_similarity={"scratch": [(2500, 0.2), (1000, 0.1)]})  # fmt: skip
+    assert Image.open(two).width < Image.open(three).width, "ID similarity adds a third panel"
 
 
 def test_stage_configs_smoke_and_full():

@@ -2,6 +2,7 @@
 
     read_log(folder)                  log.jsonl + val.jsonl of a stage folder as lists
     plot_training({"stage 1": folder}, "training.png")
+    compare_schedules({"CLIP first": [s2, s3], "ArcFace from scratch": [s3only]}, "staging.png")
     validation_grid([("stage 2", folder / "model")], out_png="grid.png")   # + grid.json: toy-ArcFace similarities
     stage_configs(2, smoke=True)      the RunConfigs a notebook trains (earlier stages first)
 
@@ -73,6 +74,58 @@ def plot_training(run_folders: dict[str, str | Path], out_png: str | Path) -> Pa
         else:
             right.text(0.5, 0.5, "no validation (val_every = 0)", ha="center", va="center", transform=right.transAxes)
         right.set(title=f"{label}: held-out case (a) loss", xlabel="step", ylabel="loss")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=DPI)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def schedule_curve(stage_folders: list[str | Path]) -> dict[str, list]:
+    """The validation of ID stages run one after another, on one axis: steps counted from the first folder's
+    start (each folder's steps offset by the steps of the folders before it), gap, coefficient cosine, stage;
+    `starts`: the step at which each folder after the first begins."""
+    curve: dict[str, list] = {"step": [], "val_gap": [], "val_coefficient_cosine": [], "stage": [], "starts": []}
+    offset = 0
+    for folder in map(Path, stage_folders):
+        config = json.loads((folder / "config.json").read_text())
+        if offset:
+            curve["starts"].append(offset)
+        for line in _read_jsonl(folder / "val.jsonl"):
+            curve["step"].append(offset + line["step"])
+            curve["val_gap"].append(line["val_gap"])
+            curve["val_coefficient_cosine"].append(line.get("val_coefficient_cosine", math.nan))
+            curve["stage"].append(config["stage"]["stage"])
+        offset += config["stage"]["steps"]
+    return curve
+
+
+def compare_schedules(arms: dict[str, list[str | Path]], out_png: str | Path,
+                      id_similarity: dict[str, list[tuple[int, float]]] | None = None, title: str = "") -> Path:  # fmt: skip
+    """Issue 17's staging figure: per arm (label -> its ID stage folders in order), the held-out validation gap
+    (shuffled - right reference; > 0: the LoRA carries the person) and the coefficient cosine between people
+    (1: one LoRA for everyone) against ID-branch steps; with `id_similarity` (label -> (step, value) from the
+    evaluation harness) a third panel. A vertical line marks where an arm changes stage."""
+    panels = 3 if id_similarity else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
+    for (label, folders), colour in zip(arms.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        curve = schedule_curve(folders)
+        axes[0].plot(curve["step"], curve["val_gap"], "o-", ms=3, color=colour, label=label)
+        axes[1].plot(curve["step"], curve["val_coefficient_cosine"], "o-", ms=3, color=colour, label=label)
+        for step in curve["starts"]:
+            for ax in axes[:2]:
+                ax.axvline(step, color=colour, ls=":", lw=0.8)
+        if id_similarity and id_similarity.get(label):
+            steps, values = zip(*sorted(id_similarity[label]))
+            axes[2].plot(steps, values, "s-", color=colour, label=label)
+    axes[0].axhline(0, color="grey", lw=0.8)
+    axes[0].set(xlabel="ID-branch steps", ylabel="val loss gap (shuffled - right)", title="the right reference helps")
+    axes[1].set(xlabel="ID-branch steps", ylabel="coefficient cosine between people", title="one LoRA per person")
+    if id_similarity:
+        axes[2].set(xlabel="ID-branch steps", ylabel="ID similarity (held-out people)", title="identity in the images")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png, dpi=DPI)
     plt.close(fig)
