@@ -306,7 +306,25 @@ class OtherReference(HyperLoRAMethod):
             yield "hyperlora_other", timings | {"reference_identity": other["id"]}, generate
 
 
-METHOD_CLASSES = {"hyperlora": HyperLoRAMethod, "hyperlora_other": OtherReference, "base": BaseModel, "renders": Renders,
+class NoTrigger(HyperLoRAMethod):
+    """Issue 17's figure 4: HyperLoRA personalised from the person's references as `hyperlora`, but prompted
+    WITHOUT the trigger words. Stage 2-3's cases (b) and (c) train the ID-LoRA to change nothing then, so its
+    images should stay close to the base model's on the same seeds (`pixel_change`, `clip_i_disruption`), where
+    `hyperlora`'s (with the trigger words) change."""
+
+    name = "hyperlora_no_trigger"
+
+    def __init__(self, config: EvalConfig, world):
+        super().__init__(config, world)
+        self.label = f"{self.label}, prompted WITHOUT the trigger words"
+
+    def variants(self, identity):
+        for _, timings, _ in super().variants(identity):
+            yield "hyperlora_no_trigger", timings, lambda prompt, seeds: self.world.generate(prompt.text, seeds)
+
+
+METHOD_CLASSES = {"hyperlora": HyperLoRAMethod, "hyperlora_other": OtherReference, "hyperlora_no_trigger": NoTrigger,
+                  "base": BaseModel, "renders": Renders,
                   "dreambooth": DreamBooth, "hyperlora_ft": HyperLoRAFineTune, "zero_ft": ZeroFineTune}  # fmt: skip
 
 

@@ -118,6 +118,17 @@ def clip_i_disruption(generated_embeds, no_lora_embeds) -> dict:
     return clip_i(generated_embeds, no_lora_embeds, role="disruption")
 
 
+def pixel_change(images, baseline_images) -> dict:
+    """How much a LoRA changes the images: the mean absolute pixel difference (in [0, 1], whole image, every
+    channel) to the same-seed image without it. Model-free, so it is real in every world (issue 17's figure 4:
+    the ID-LoRA without its trigger words should change little)."""
+    x, y = image_batch(images), image_batch(baseline_images)
+    if x.shape != y.shape:
+        raise ValueError(f"images {list(x.shape)} and baseline_images {list(y.shape)} must be paired and the same size")
+    per_image = (x - y).abs().flatten(1).mean(1).numpy().astype(np.float64)
+    return {"pixel_change": float(per_image.mean()), "per_image": per_image, "n": len(per_image)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Pose
 

@@ -52,7 +52,8 @@ from .summary import (  # noqa: F401  (format_table: re-exported for notebooks a
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("hyperlora", "hyperlora_other", "base", "renders", "dreambooth", "hyperlora_ft", "zero_ft")
+METHODS = ("hyperlora", "hyperlora_other", "hyperlora_no_trigger", "base", "renders", "dreambooth", "hyperlora_ft",
+           "zero_ft")  # fmt: skip
 
 
 @dataclass
@@ -316,8 +317,9 @@ def score_batch(world, identity: dict, prompt: Prompt, images: np.ndarray, basel
         disruption = metrics.clip_i_disruption(clip, world.clip(baseline))["per_image"]
         masks = _face_masks(world, images, identity["mean_mask"])
         preservation = metrics.lpips_preservation(images, baseline, masks, world.lpips)["per_image"]
-        for row, d, p in zip(rows, disruption, preservation):
-            row.update(clip_i_disruption=float(d), lpips_preservation=float(p))
+        change = metrics.pixel_change(images, baseline)["per_image"]
+        for row, d, p, c in zip(rows, disruption, preservation, change):
+            row.update(clip_i_disruption=float(d), lpips_preservation=float(p), pixel_change=float(c))
     if world.attribute_judge is not None:  # toy only: sdxl has no ground-truth looks to judge (world.not_available)
         for row, predicted in zip(rows, world.attribute_judge(images)):
             row["predicted"] = predicted

@@ -35,7 +35,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Summaries and grids
 
-PER_IMAGE = ("id_sim", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_preservation")
+PER_IMAGE = ("id_sim", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_preservation", "pixel_change")
 
 
 def _seed_matrix(rows: list[dict], key: str) -> np.ndarray | None:

@@ -148,6 +148,29 @@ def test_hyperlora_checkpoint_personalises_and_resets(toy_dir, tmp_path, monkeyp
         assert (h["variant"], b["variant"], h["eval_seed"]) == ("hyperlora", "base", b["eval_seed"])
 
 
+def test_without_trigger_words_a_zero_lora_changes_nothing_and_a_random_one_changes_the_images(toy_dir, tmp_path,
+                                                                                               monkeypatch):  # fmt: skip
+    """hyperlora_no_trigger (figure 4) prompts without the trigger words: with the untrained (zero) ID-LoRA its images
+    ARE the base model's (pixel change 0), with a non-zero LoRA they differ; with the trigger words they differ too."""
+    from hyperlora import HyperLoRA, find_targets, preset
+    from hyperlora.checkpoint import save_checkpoint
+    from hyperlora.toy.pipeline import load_toy_pipeline
+
+    monkeypatch.setitem(backends.FACE_BACKENDS, "centre", f"{__name__}:CentreFaceAnalyzer")
+    torch.manual_seed(0)
+    model = HyperLoRA(preset("tiny", id_embed_dim=16), find_targets(load_toy_pipeline(toy_dir / "sdxl").unet))
+    changes = {}
+    for name, scale in (("zero", 0.0), ("random", 0.5)):
+        save_checkpoint(model.randomize_up_bases(scale, 0) if scale else model, tmp_path / name)
+        config = smoke_config(toy_dir, methods="hyperlora,hyperlora_no_trigger,base", face_backend="centre",
+                              checkpoint=str(tmp_path / name), prompts="0", seeds_per_prompt=1)  # fmt: skip
+        rows = {r["variant"]: r for r in run_evaluation(config, tmp_path / f"run_{name}")["rows"]}
+        changes[name] = {v: rows[v]["pixel_change"] for v in ("hyperlora", "hyperlora_no_trigger")}
+    assert changes["zero"]["hyperlora_no_trigger"] == 0.0, "no LoRA and no trigger words: the base model's images"
+    assert changes["zero"]["hyperlora"] > 0, "the trigger words alone change the toy base model's images"
+    assert changes["random"]["hyperlora_no_trigger"] > 0, "a non-zero LoRA changes the images without trigger words"
+
+
 def test_other_reference_control_personalises_from_the_next_person(toy_dir, tmp_path, monkeypatch):
     """hyperlora_other (figure 2's control) uses the next held-out person's references, scored against this one."""
     from hyperlora import HyperLoRA, find_targets, preset
