@@ -26,6 +26,7 @@ from hyperlora.toy.controlnet import (
 from hyperlora.toy.identity import split_identities
 from hyperlora.toy.render import render_sample
 from hyperlora.toy.unet import LOSSES_FILE, UNetTrainConfig, build_toy_unet
+from hyperlora.train.resume import curve_seconds, curve_sessions
 
 # Five keypoints far apart (> 6 dot sigmas at 64 px), at sub-pixel positions.
 KEYPOINTS = np.array([[12.3, 14.6], [40.8, 13.2], [26.5, 30.25], [14.0, 47.7], [44.4, 50.1]], dtype=np.float32)
@@ -108,6 +109,10 @@ def test_training_writes_a_loadable_controlnet_and_resumes_bit_for_bit(tmp_path)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), "resumed run differs from the uninterrupted one"
     curves = [[(p["step"], p["loss"]) for p in json.loads((d / LOSSES_FILE).read_text())] for d in (whole, interrupted)]
     assert curves[0] == curves[1] and len(curves[0]) == 4, "the resumed run's loss curve must continue the checkpoint's"
+    resumed_curve = json.loads((interrupted / LOSSES_FILE).read_text())
+    assert [p["session"] for p in resumed_curve] == [0, 0, 1, 1], "steps 3-4 were logged by the second session"
+    card = json.loads((interrupted / "model_card.json").read_text())
+    assert card["train_seconds"] == pytest.approx(resumed_curve[1]["seconds"] + resumed_curve[3]["seconds"], abs=0.01)
     controlnet = ControlNetModel.from_pretrained(whole)
     check_matches(controlnet, UNet2DConditionModel.from_pretrained(DEFAULT_UNET_DIR))  # made for the shipped UNet
     assert load_controlnet_train_config(whole).prediction_type == "v_prediction", "the UNet's own, from its card"
@@ -117,6 +122,13 @@ def test_training_writes_a_loadable_controlnet_and_resumes_bit_for_bit(tmp_path)
     # the zero convolutions that start the ControlNet as the identity are what training moves first
     assert controlnet.controlnet_mid_block.weight.abs().max() > 0
     assert controlnet.controlnet_cond_embedding.conv_out.weight.abs().max() > 0
+
+
+def test_curve_seconds_add_the_sessions_of_a_resumed_curve():
+    marked = [{"seconds": 5, "session": 0}, {"seconds": 9, "session": 0}, {"seconds": 30, "session": 1}]
+    assert [len(s) for s in curve_sessions(marked)] == [2, 1] and curve_seconds(marked) == 39
+    unmarked = [{"seconds": 5}, {"seconds": 9}, {"seconds": 2}, {"seconds": 4}]  # older curves: seconds restart
+    assert curve_seconds(unmarked) == 13 and curve_seconds([]) == 0
 
 
 def test_train_controlnet_command_takes_overrides_and_a_unet(tmp_path):

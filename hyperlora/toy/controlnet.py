@@ -28,7 +28,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 
 from ..config import strict_from_dict
 from ..diffusion import diffusion_loss
-from ..train.resume import run_logged_steps
+from ..train.resume import curve_seconds, run_logged_steps
 from .cards import read_model_card, write_model_card
 from .pipeline import DEFAULT_PIPELINE_DIR, REPO_ROOT, load_toy_pipeline, trained_prediction_type
 from .unet import LOSSES_FILE, TrainingCache, build_cache, sample_batch, training_state
@@ -255,7 +255,7 @@ def train_controlnet(config: ControlNetTrainConfig, out_dir: str | Path, unet_di
         state.ema.copy_to(controlnet.parameters())
     controlnet.to(getattr(torch, config.save_dtype)).save_pretrained(out_dir, safe_serialization=True)
     (out_dir / LOSSES_FILE).write_text(json.dumps(curve) + "\n")
-    _write_card(out_dir, config, unet_dir, pipeline_dir, seconds,
+    _write_card(out_dir, config, unet_dir, pipeline_dir, curve_seconds(curve),
                 {"parameters": n_params, "images": len(cache), "steps_per_second": (config.steps - first + 1) / seconds,
                  "first_loss": curve[0]["loss"], "final_loss": curve[-1]["loss"]})  # fmt: skip
     logger.info("ControlNet written to %s (%.0f s)", out_dir, seconds)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..config import strict_from_dict
 from ..diffusion import diffusion_loss
 from ..targets import find_targets
-from ..train.resume import CURVE_FILE, GeneratorState, run_logged_steps
+from ..train.resume import CURVE_FILE, GeneratorState, curve_seconds, run_logged_steps
 from .cards import read_model_card, write_model_card
 from .data import ToyPortraits, render_arrays, to_tensor
 from .identity import nonsense_prefix, split_identities
@@ -302,7 +302,8 @@ def train_unet(config: UNetTrainConfig, out_dir: str | Path, clip_path=None, vae
                "steps_per_second": (config.steps - first + 1) / seconds, "first_loss": curve[0]["loss"],
                "final_loss": curve[-1]["loss"]}  # fmt: skip
     sources = {"clip": str(clip_path or "random stand-in"), "vae": str(vae_path or "random stand-in")}
-    write_model_card(out_dir, name="toy SDXL UNet", config=config, train_seconds=seconds, figures=figures,
+    write_model_card(out_dir, name="toy SDXL UNet", config=config, train_seconds=curve_seconds(curve),
+                     figures=figures,
                      summary="An SDXL-architecture UNet2DConditionModel trained on toy portraits and their captions "
                      f"({config.prediction_type} prediction, scaled_linear schedule, 10 % caption dropout). "
                      "Loss curve: losses.json.",

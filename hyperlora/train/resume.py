@@ -54,6 +54,25 @@ class GeneratorState:
 CURVE_FILE = "losses.json"  # a run's loss curve: one mean per logging window (also inside each checkpoint)
 
 
+def curve_sessions(curve: list[dict]) -> list[list[dict]]:
+    """A resumed loss curve split by the session that logged each point (`seconds` restart at every session).
+    Points without `session` (curves from before it was recorded) start a new session where `seconds` falls."""
+    sessions: list[list[dict]] = []
+    for point in curve:
+        new = not sessions or (point["session"] != sessions[-1][-1].get("session") if "session" in point
+                               else point["seconds"] < sessions[-1][-1]["seconds"])  # fmt: skip
+        if new:
+            sessions.append([])
+        sessions[-1].append(point)
+    return sessions
+
+
+def curve_seconds(curve: list[dict]) -> float:
+    """Training seconds over every session of a resumed loss curve: each session's last logged `seconds` (the time
+    a killed session ran after its last checkpoint is lost with it)."""
+    return float(sum(points[-1]["seconds"] for points in curve_sessions(curve)))
+
+
 def run_logged_steps(step_fn, *, accelerator: Accelerator, out: Path, total: int, log_every: int,
                      checkpoint_every: int, keep: int, resume: bool, desc: str, progress: bool,
                      logger) -> tuple[list[dict], float, int]:  # fmt: skip
@@ -69,13 +88,15 @@ def run_logged_steps(step_fn, *, accelerator: Accelerator, out: Path, total: int
         curve = json.loads((latest[0] / CURVE_FILE).read_text())
         first = latest[1] + 1
         logger.info("resumed %s at step %d", out, latest[1])
+    session = len(curve_sessions(curve))  # this session's index: its points' `seconds` count from its start
     bar = tqdm(range(first, total + 1), initial=first - 1, total=total, desc=desc,
                disable=not progress or not accelerator.is_main_process)  # fmt: skip
     for step in bar:
         window.append(step_fn().item())
         if step % log_every == 0 or step == total:
             elapsed = time.perf_counter() - start
-            curve.append({"step": step, "loss": sum(window) / len(window), "seconds": round(elapsed, 1)})
+            curve.append({"step": step, "loss": sum(window) / len(window), "seconds": round(elapsed, 1),
+                          "session": session})  # fmt: skip
             logger.info("step %d/%d loss %.4f (%.2f steps/s)", step, total, curve[-1]["loss"],
                         (step - first + 1) / elapsed)  # fmt: skip
             bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
