@@ -239,3 +239,15 @@ def test_the_pool_keeps_each_face_box_and_the_face_weights_weigh_inside_it(sched
         face_weights({k: v for k, v in batch.items() if k != "face_box"}, (16, 16), 4.0)
     with pytest.raises(ValueError, match="face_loss_weight"):
         StageConfig(stage=2, face_loss_weight=-1.0)
+
+
+def test_a_snapshot_of_the_last_checkpoint_equals_the_exported_model_and_a_missing_step_is_named(schedule, tmp_path):
+    from hyperlora.train.snapshot import main, snapshot
+
+    out = snapshot(schedule / "stage2", 2, tmp_path / "snap", dtype="float32")
+    ours, theirs = _state(out), _state(schedule / "stage2" / "model")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((out / "config.json").read_text())["steps"] == 2
+    assert main([str(schedule / "stage2"), "--step", "7", "--out", str(tmp_path / "x")]) == 2
+    with pytest.raises(FileNotFoundError, match="kept: \\['step-2'\\]"):
+        snapshot(schedule / "stage2", 7)
