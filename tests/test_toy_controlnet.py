@@ -221,3 +221,19 @@ def test_the_measurement_says_when_identity_is_at_the_floor():
     assert carried["with_controlnet"]["keypoint_error_px"] == 0 and carried["keypoint_error_iod_gain"] == 0
     generic = summarize(records(np.eye(4)[2]), faces, ControlEvalConfig(controlnet="none"), label="x", checkpoint="c")
     assert generic["identity_at_floor"] and "AT THE FLOOR" in generic["label"]
+
+
+def test_the_shipped_controlnet_steers_the_shipped_unet_and_stays_small():
+    import hashlib
+
+    shipped = DEFAULT_UNET_DIR.parents[1] / "controlnet"
+    card = json.loads((shipped / "model_card.json").read_text())
+    check_matches(ControlNetModel.from_pretrained(shipped), UNet2DConditionModel.from_pretrained(DEFAULT_UNET_DIR))
+    unet_weights = sorted(DEFAULT_UNET_DIR.glob("*.safetensors"))[0]
+    assert card["sources"]["unet_weights_sha256"] == hashlib.sha256(unet_weights.read_bytes()).hexdigest(), (
+        "the ControlNet was trained on another UNet than the shipped one"
+    )
+    megabytes = sum(f.stat().st_size for f in shipped.iterdir()) / 1e6
+    assert megabytes <= 8, f"data/toy/controlnet takes {megabytes:.1f} MB (budget 8)"
+    with_control = card["figures"]["eval"]["with_controlnet"]["keypoint_error_iod"]
+    assert with_control < card["figures"]["eval"]["without_controlnet"]["keypoint_error_iod"]
