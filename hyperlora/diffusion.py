@@ -10,12 +10,17 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 
-def noisy_inputs(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator):
-    """(noisy latents, timesteps, target) of one batch, noise then timesteps drawn from `generator`. The target is
-    the scheduler's `prediction_type`: the noise (Ho et al. 2020, eq. 14) or the velocity
+def noisy_inputs(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator,
+                 max_timestep: int = 0):  # fmt: skip
+    """(noisy latents, timesteps, target) of one batch, noise then timesteps drawn from `generator` (uniform over
+    the training timesteps, or over [0, max_timestep) when it is set: the lower-noise part where a face's details
+    are drawn). The target is the scheduler's `prediction_type`: the noise (Ho et al. 2020, eq. 14) or the velocity
     v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    high = max_timestep or scheduler.config.num_train_timesteps
+    if not 0 < high <= scheduler.config.num_train_timesteps:
+        raise ValueError(f"max_timestep must be in 1..{scheduler.config.num_train_timesteps}, got {max_timestep}")
+    timesteps = torch.randint(high, (len(latents),), generator=generator)
     timesteps = timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     kind = scheduler.config.prediction_type

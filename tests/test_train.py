@@ -251,3 +251,22 @@ def test_a_snapshot_of_the_last_checkpoint_equals_the_exported_model_and_a_missi
     assert main([str(schedule / "stage2"), "--step", "7", "--out", str(tmp_path / "x")]) == 2
     with pytest.raises(FileNotFoundError, match="kept: \\['step-2'\\]"):
         snapshot(schedule / "stage2", 7)
+
+
+def test_max_timestep_draws_only_lower_noise_steps_and_zero_keeps_every_draw():
+    from diffusers import DDPMScheduler
+
+    from hyperlora.diffusion import noisy_inputs
+    from hyperlora.train.config import StageConfig
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.zeros(256, 4, 2, 2)
+    _, every, _ = noisy_inputs(scheduler, latents, torch.Generator().manual_seed(0))
+    _, same, _ = noisy_inputs(scheduler, latents, torch.Generator().manual_seed(0), 0)
+    _, low, _ = noisy_inputs(scheduler, latents, torch.Generator().manual_seed(0), 300)
+    assert torch.equal(every, same), "max_timestep 0 must keep the old draws (resumed runs stay bit-identical)"
+    assert int(every.max()) >= 300 and int(low.max()) < 300 and len(set(low.tolist())) > 100
+    with pytest.raises(ValueError, match="max_timestep"):
+        noisy_inputs(scheduler, latents, torch.Generator(), 1001)
+    with pytest.raises(ValueError, match="max_timestep"):
+        StageConfig(max_timestep=-1)

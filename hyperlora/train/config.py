@@ -46,6 +46,8 @@ class StageConfig:
     face_loss_weight: float = 0.0  # the diffusion loss weighs 1 + this inside the detected face box (1 outside),
     # normalised per image: identity lives in the face, a small part of a portrait's pixels (a masked loss, as
     # kohya's sd-scripts `--masked_loss`). 0: the paper's plain loss (facts §5.2: "no extra regulariser")
+    max_timestep: int = 0  # timesteps drawn from [0, this) instead of every training timestep: the lower-noise
+    # steps, where a face's details are drawn, take the whole batch. 0: all (the paper's plain loss)
 
     def __post_init__(self):
         self.train_groups, self.id_inputs = tuple(self.train_groups), tuple(self.id_inputs)
@@ -63,6 +65,8 @@ class StageConfig:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.face_loss_weight < 0:
             raise ValueError(f"face_loss_weight must be >= 0, got {self.face_loss_weight}")
+        if self.max_timestep < 0:
+            raise ValueError(f"max_timestep must be >= 0 (0: every training timestep), got {self.max_timestep}")
         if self.targets_per_reference < 1:
             raise ValueError(f"targets_per_reference must be >= 1, got {self.targets_per_reference}")
         if self.steps < 1 or self.lr <= 0:

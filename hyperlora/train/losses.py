@@ -53,7 +53,7 @@ def _unet(unet, noisy, timesteps, batch, rows=None) -> torch.Tensor:
 def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batch: dict, stage: StageConfig, *,
                snr_gamma: float | None, rng: torch.Generator, has_base: bool) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """The loss of one batch and, per case, its mean (for the log)."""
-    noisy, timesteps, target = noisy_inputs(scheduler, batch["latents"], rng)
+    noisy, timesteps, target = noisy_inputs(scheduler, batch["latents"], rng, stage.max_timestep)
     weights = snr_weights(scheduler, timesteps, snr_gamma)
     case = batch["case"].to(noisy.device)
     if stage.stage == 1:
