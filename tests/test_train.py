@@ -147,9 +147,11 @@ def test_a_run_killed_and_resumed_ends_with_bit_identical_weights(schedule, tmp_
     assert steps == [1, 2, 3, 4], f"a resumed run's log holds each step once, got {steps}"
     done = json.loads((resumed / "done.json").read_text())
     log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
-    assert done["seconds"] == pytest.approx(sum(line["seconds"] for line in log), abs=0.05), (
+    images = config.run.batch_size  # log_every 1: one step of images per line
+    assert done["seconds"] == pytest.approx(sum(images / line["images_per_s"] for line in log), abs=0.05), (
         "a resumed stage's seconds count the killed session's steps too"
     )
+    assert done["seconds"] > sum(images / line["images_per_s"] for line in log[2:]), "more than the last session's"
 
 
 def test_two_process_accelerate_run_keeps_the_processes_weights_identical(schedule, tmp_path):

@@ -2,7 +2,7 @@
 
 A stage's run folder holds
     config.json        the resolved RunConfig, the command line, the git commit
-    log.jsonl          one line per `log_every` steps: loss, per-case losses, lr, grad norm, images/s, seconds
+    log.jsonl          one line per `log_every` steps: loss, per-case losses, lr, grad norm, images/s
     val.jsonl          validation: case (a) loss with the right reference against a shuffled one
     checkpoints/step-N accelerate's resumable state (weights, AdamW, LR schedule, EMA, RNG), the newest kept
     model/             the trained hypernetwork in the official four-file layout, float32 (the next stage's start)
@@ -112,15 +112,15 @@ def _truncate_logs(out: Path, step: int) -> None:
 
 
 def logged_seconds(out: str | Path) -> float:
-    """A stage's training seconds over every session that ran it: the sum of its log windows (validation and
-    checkpoints included; model loading not). Lines without `seconds` (older runs) count `images / images_per_s`."""
+    """A stage's training seconds over every session that ran it: the sum of its log windows, each window's images
+    over its images/s (validation and checkpoints included; model loading not)."""
     config = json.loads((Path(out) / "config.json").read_text())
     run = config["run"]
     per_step = run["batch_size"] * run["grad_accum"] * config.get("num_processes", 1)
     total, previous = 0.0, 0
     for text in (Path(out) / "log.jsonl").read_text().splitlines():
         line = json.loads(text)
-        total += line.get("seconds", (line["step"] - previous) * per_step / line["images_per_s"])
+        total += (line["step"] - previous) * per_step / line["images_per_s"]
         previous = line["step"]
     return total
 
@@ -204,7 +204,7 @@ def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir:
 def _log_line(window: list[dict], step: int, seconds: float, trainer: Trainer) -> dict:
     run = trainer.config.run
     images = len(window) * run.batch_size * run.grad_accum * trainer.accelerator.num_processes
-    line = {"step": step, "lr": trainer.schedule.get_last_lr()[0], "images_per_s": images / seconds, "seconds": seconds}
+    line = {"step": step, "lr": trainer.schedule.get_last_lr()[0], "images_per_s": images / seconds}
     for key in {k for w in window for k in w}:
         values = [w[key] for w in window if key in w]
         line[key] = sum(values) / len(values)
