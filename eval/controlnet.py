@@ -37,6 +37,7 @@ from hyperlora.toy.render import render_sample
 
 from . import metrics
 from .protocol import eval_seed, git_commit
+from .summary import json_default
 
 FLOOR_MARGIN = 0.05  # ID similarity to the right person within this of the next person's: at the floor
 
@@ -149,7 +150,7 @@ def measure_control(config: ControlEvalConfig, out_dir: str | Path, *, progress:
     summary["renders_ceiling"] = {"keypoint_error_px": kp["error_px"], "keypoint_error_iod": kp["error_iod"],
                                   "detection_rate": kp["detection_rate"], "n": kp["n"]}  # fmt: skip
     plot_grid(shown, out / "control_grid.png", title=summary["label"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
     return summary
 
 
@@ -205,14 +206,6 @@ def summarize(records: list[dict], faces: dict, config: ControlEvalConfig, *, la
 
 def _difference(a, b):
     return None if a is None or b is None or np.isnan(a) or np.isnan(b) else float(a - b)
-
-
-def _json(value):
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def plot_grid(shown: list, path: Path, *, title: str = "") -> Path:

@@ -44,7 +44,7 @@ from hyperlora.toy.render import render, sample_look, visible_attributes
 
 from .prompts import Prompt, load_prompts
 from .summary import (  # noqa: F401  (format_table: re-exported for notebooks and eval.run)
-    _json_default,
+    json_default,
     _write_csv,
     format_table,
     summarize_run,
@@ -396,9 +396,9 @@ def run_evaluation(config: EvalConfig, out_dir: str | Path, *, progress: bool = 
             timings += t
     with open(out / "records.jsonl", "w") as f:
         for record in records:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.write(json.dumps(record, default=json_default) + "\n")
     summary = summarize_run(records, timings, methods, world, config, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
     _write_csv(out / "summary.csv", summary["rows"])
     write_grids(out, records, identities)
     return summary

@@ -16,7 +16,7 @@ from PIL import Image
 from . import metrics
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
     if isinstance(value, np.ndarray):
