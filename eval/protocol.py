@@ -62,7 +62,10 @@ class EvalConfig:
 
     world: str = "toy"  # "toy" (ground truth, CPU) or "sdxl" (real photos in `references`; eval/sdxl_world.py)
     methods: str = "hyperlora"  # comma-separated subset of METHODS, scored into one table
-    num_identities: int = 8  # the first n identities of the held-out 'test' split (sdxl: of the sorted folders)
+    num_identities: int = 8  # the first n identities of `split` (sdxl: of the sorted folders)
+    split: str = "test"  # toy: "test" (held out, the reported figures), "val", or "train" (people the hypernetwork
+    # trained on, new photos of them: how well it fits, against how well it generalises). sdxl: only "test" (the
+    # user's folders are the split)
     num_references: int = 2  # reference photos per identity (HyperLoRA averages their coefficients)
     seeds_per_prompt: int = 4  # PuLID: 4 images per identity and prompt; >= 2 for LPIPS diversity
     prompts: str = "all"  # "all" or comma-separated indices into data/eval/prompts.json of the world
@@ -189,7 +192,7 @@ class ToyWorld:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the random-trunk warning: recorded as lpips_real in the summary
             self.lpips = LPIPSModel(seed=config.seed)
-        self.identities = split_identities("test")
+        self.identities = split_identities(config.split)
         self.prompts = [p for _, p in config.selected_prompts()]
         self.label = self._label()
 
@@ -206,7 +209,8 @@ class ToyWorld:
         self.gates_passed = not failed
         state = ("passed their quality gates" if self.gates_passed else
                  f"NOT at their quality gates ({', '.join(failed)}: see their model_card.json)")  # fmt: skip
-        return f"toy models at {self.dir}: {state}" + (", smoke-size evaluation" if self.config.smoke else "")
+        split = "" if self.config.split == "test" else f", {self.config.split}-split people (not held out)"
+        return f"toy models at {self.dir}: {state}" + split + (", smoke-size evaluation" if self.config.smoke else "")
 
     @property
     def plumbing_only(self) -> bool:

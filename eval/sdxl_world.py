@@ -133,6 +133,8 @@ class SDXLWorld:
 
         from .extractors import ClipExtractor, FaceEmbeddingExtractor, LPIPSModel
 
+        if config.split != "test":  # the user's reference folders are the people scored; there is no train split
+            raise ValueError(f"split={config.split!r} is toy-only: the sdxl world scores the folders in `references`")
         sdxl, clip = self._checked_paths(config)
         methods = config.method_list()
         self.identities = scan_references(config.references, num_identities=config.num_identities,

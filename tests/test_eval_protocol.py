@@ -125,6 +125,18 @@ def test_eval_seed_and_cli_flags():
         EvalConfig(methods="hyperlora,pulid").method_list()
 
 
+def test_train_split_scores_people_the_hypernetwork_saw_and_says_so(toy_dir, tmp_path):
+    from hyperlora.toy.identity import split_identities
+
+    config = smoke_config(toy_dir, methods="base", split="train", prompts="0", seeds_per_prompt=1)
+    summary = run_evaluation(config, tmp_path / "train")
+    ids = {r["identity"] for r in read_records(tmp_path / "train")}
+    assert ids == {split_identities("train")[0]} and ids.isdisjoint(split_identities("test"))
+    assert "train-split people (not held out)" in json.dumps(summary)
+    with pytest.raises(ValueError, match="split must be one of"):
+        run_evaluation(smoke_config(toy_dir, split="holdout"), tmp_path / "bad")
+
+
 def test_hyperlora_checkpoint_personalises_and_resets(toy_dir, tmp_path, monkeypatch):
     """A checkpoint with non-zero LoRAs personalises (stand-in face backend) and changes the generations."""
     from hyperlora import HyperLoRA, find_targets, preset

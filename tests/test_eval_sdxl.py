@@ -135,6 +135,11 @@ def test_hyperlora_personalises_from_the_photos_and_renders_are_the_held_out_pho
         assert np.array_equal(np.asarray(Image.open(out / r["image"])), held_out[r["seed_index"]])
 
 
+def test_sdxl_has_no_toy_splits(models, references, tmp_path):
+    with pytest.raises(ValueError, match="split='train' is toy-only"):
+        run_evaluation(sdxl_config(models, references, split="train"), tmp_path / "run")
+
+
 @pytest.mark.parametrize("field, value, error, message", [
     ("sdxl_path", "", ValueError, "sdxl_path is empty: .*diffusers SDXL pipeline folder"),
     ("sdxl_path", "MISSING", FileNotFoundError, "no diffusers SDXL pipeline at MISSING \\(no model_index.json\\)"),
