@@ -38,15 +38,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm  # text bars, also inside a notebook: papermill streams them to the main job's terminal
 
-from . import metrics
 from hyperlora.toy.identity import LOOK_ATTRIBUTES, split_identities
 from hyperlora.toy.render import render, sample_look, visible_attributes
 
+from . import metrics
 from .prompts import Prompt, load_prompts
 from .summary import (  # noqa: F401  (format_table: re-exported for notebooks and eval.run)
-    json_default,
     _write_csv,
     format_table,
+    json_default,
     summarize_run,
     write_grids,
 )
@@ -79,6 +79,8 @@ class EvalConfig:
     clip_path: str = ""  # sdxl world: CLIP ViT-L/14 folder, the hypernetwork's image encoder and the CLIP-T/-I judge
     references: str = ""  # sdxl world: <name>/ photo folders; sorted, first num_references = references, rest held out
     insightface_root: str = ""  # sdxl world, antelopev2 backend: the folder holding models/antelopev2/*.onnx
+    trait_reader: str = ""  # toy: identity-trait reader folder, the second ID judge (trait_match); empty: <toy_dir>/traits
+    # when it exists (python -m hyperlora.toy train-traits), else trait_match is None
     checkpoint: str = ""  # HyperLoRA checkpoint folder; empty: a freshly initialised, UNTRAINED one
     face_backend: str = "toy"  # conditioning face backend (toy | dlib | antelopev2); sdxl: antelopev2 as the release
     judge_backend: str = "toy"  # ID-similarity judge; sdxl warns when it is the conditioning one (not independent)
@@ -189,12 +191,23 @@ class ToyWorld:
         analyzer = make_face_analyzer(config.judge_backend, **self.backend_kwargs(config.judge_backend))
         self.face_judge = FaceEmbeddingExtractor(analyzer, min_face_size=config.min_face_size)
         self.attribute_judge = clip_judge(self.clip_dir)
+        self.trait_judge = self._trait_judge(config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the random-trunk warning: recorded as lpips_real in the summary
             self.lpips = LPIPSModel(seed=config.seed)
         self.identities = split_identities(config.split)
         self.prompts = [p for _, p in config.selected_prompts()]
         self.label = self._label()
+
+    def _trait_judge(self, config: EvalConfig):
+        """The identity-trait reader (hyperlora.toy.trait_reader): a judge that never conditioned the model."""
+        from hyperlora.toy.trait_reader import TraitReader
+
+        folder = Path(config.trait_reader) if config.trait_reader else self.dir / "traits"
+        if not config.trait_reader and not folder.is_dir():
+            self.not_available = {"trait_match": f"no trait reader at {folder} (python -m hyperlora.toy train-traits)"}
+            return None
+        return TraitReader.load(folder)  # a folder that was asked for and is missing raises, naming it
 
     def backend_kwargs(self, name: str) -> dict:
         return {"model_dir": self.dir / "faces", "det_threshold": self.config.det_threshold} if name == "toy" else {}
@@ -253,11 +266,12 @@ def build_smoke_toy(out_dir: str | Path) -> Path:
     SDXL concatenates both text encoders' states: cross_attention_dim = 2 x the toy CLIP width; pooled = projection.
     Their detector finds nothing at the default threshold: evaluate with det_threshold=0, min_face_size=0.
     """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPConfig
+
     from hyperlora.toy.build import build
     from hyperlora.toy.pipeline import assemble_pipeline
     from hyperlora.toy.unet import UNetTrainConfig, build_toy_unet
-    from diffusers import AutoencoderKL
-    from transformers import CLIPConfig
 
     out = Path(out_dir)
     outcomes = build(out, smoke=True, only=["clip", "faces", "vae"])
@@ -324,6 +338,9 @@ def score_batch(world, identity: dict, prompt: Prompt, images: np.ndarray, basel
         change = metrics.pixel_change(images, baseline)["per_image"]
         for row, d, p, c in zip(rows, disruption, preservation, change):
             row.update(clip_i_disruption=float(d), lpips_preservation=float(p), pixel_change=float(c))
+    if world.trait_judge is not None:  # toy only: a real photo has no ground-truth traits (world.not_available)
+        for row, match in zip(rows, world.trait_judge.match(images, identity["id"])):
+            row["trait_match"] = float(match)
     if world.attribute_judge is not None:  # toy only: sdxl has no ground-truth looks to judge (world.not_available)
         for row, predicted in zip(rows, world.attribute_judge(images)):
             row["predicted"] = predicted
@@ -399,8 +416,7 @@ def run_evaluation(config: EvalConfig, out_dir: str | Path, *, progress: bool = 
             records += r
             timings += t
     with open(out / "records.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record, default=json_default) + "\n")
+        f.writelines(json.dumps(record, default=json_default) + "\n" for record in records)
     summary = summarize_run(records, timings, methods, world, config, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
     _write_csv(out / "summary.csv", summary["rows"])

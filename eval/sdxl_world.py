@@ -57,6 +57,7 @@ VALIDATE_SIDE = 256  # photos are decoded once at this size when the world opens
 TOY_ONLY = "needs ground-truth look attributes (references' and prompts'); only the toy world has them"
 NOT_AVAILABLE = dict.fromkeys(("leakage_mean", "leakage_per_attribute", "adherence_mean", "adherence_per_attribute"),
                               TOY_ONLY)  # fmt: skip
+NOT_AVAILABLE["trait_match"] = "needs the person's ground-truth identity traits; only the toy world has them"
 
 
 def photo_paths(folder: Path) -> list[Path]:
@@ -127,6 +128,7 @@ class SDXLWorld:
     ceiling_label = "held-out real photos of the identity (ceiling; no model)"
     not_available = NOT_AVAILABLE  # sdxl: no ground-truth look attributes, see TOY_ONLY
     attribute_judge = None  # sdxl: no zero-shot look classifier (the attributes it would judge are toy-only)
+    trait_judge = None  # sdxl: no ground-truth identity traits for a real person (trait_match is toy-only)
 
     def __init__(self, config):
         from hyperlora.conditioning.backends import make_face_analyzer

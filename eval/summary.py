@@ -35,7 +35,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Summaries and grids
 
-PER_IMAGE = ("id_sim", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_preservation", "pixel_change")
+PER_IMAGE = ("id_sim", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_preservation", "pixel_change",
+             "trait_match")
 
 
 def _seed_matrix(rows: list[dict], key: str) -> np.ndarray | None:
@@ -142,7 +143,7 @@ def write_grids(out: Path, records: list[dict], identities: list[dict]) -> list[
     return paths
 
 
-TABLE_COLUMNS = ("id_sim", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_diversity", "lpips_preservation",
+TABLE_COLUMNS = ("id_sim", "trait_match", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_diversity", "lpips_preservation",
                  "leakage_mean", "adherence_mean")  # fmt: skip
 
 

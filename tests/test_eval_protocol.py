@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from eval.metrics import id_similarity
+from eval.protocol import EvalConfig, ToyWorld, build_smoke_toy, eval_seed, format_table, run_evaluation
+from eval.run import config_from_args, parser
 from hyperlora.conditioning import backends
 from hyperlora.conditioning.faces import Face, FaceAnalyzer
-from eval.protocol import EvalConfig, ToyWorld, build_smoke_toy, eval_seed, format_table, run_evaluation
 from hyperlora.toy.identity import LOOK_ATTRIBUTES
-from eval.run import config_from_args, parser
 from hyperlora.toy.render import render, sample_look
 
 PLUMBING = "PLUMBING, NOT RESULTS"
@@ -70,6 +70,7 @@ def test_run_writes_every_file_and_labels_every_row(first_run):
         assert row["label"].startswith(PLUMBING), f"{row['variant']}: smoke figures must say they are plumbing"
         assert row["weights"], row["variant"]
     assert "UNTRAINED" in summary["rows"][0]["weights"]
+    assert summary["rows"][0]["trait_match"] is None and "train-traits" in summary["rows"][0]["not_available"]["trait_match"]
     csv_text = (out / "summary.csv").read_text()
     assert csv_text.count(PLUMBING) == len(variants) and "UNTRAINED" in csv_text
     assert len(read_records(out)) == len(variants) * 2 * 2  # 1 identity x 2 prompts x 2 seeds
@@ -127,11 +128,16 @@ def test_eval_seed_and_cli_flags():
 
 def test_train_split_scores_people_the_hypernetwork_saw_and_says_so(toy_dir, tmp_path):
     from hyperlora.toy.identity import split_identities
+    from tests.test_trait_reader import make_reader
 
-    config = smoke_config(toy_dir, methods="base", split="train", prompts="0", seeds_per_prompt=1)
+    make_reader(tmp_path / "traits")  # and the second ID judge: every image gets a trait_match
+    config = smoke_config(toy_dir, methods="base", split="train", prompts="0", seeds_per_prompt=1,
+                          trait_reader=str(tmp_path / "traits"))  # fmt: skip
     summary = run_evaluation(config, tmp_path / "train")
-    ids = {r["identity"] for r in read_records(tmp_path / "train")}
+    records = read_records(tmp_path / "train")
+    ids = {r["identity"] for r in records}
     assert ids == {split_identities("train")[0]} and ids.isdisjoint(split_identities("test"))
+    assert all(0 <= r["trait_match"] <= 1 for r in records) and summary["rows"][0]["trait_match"] is not None
     assert "train-split people (not held out)" in json.dumps(summary)
     with pytest.raises(ValueError, match="split must be one of"):
         run_evaluation(smoke_config(toy_dir, split="holdout"), tmp_path / "bad")

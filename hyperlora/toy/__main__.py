@@ -1,5 +1,6 @@
 """Command line of the toy world: `python -m hyperlora.toy build` retrains every toy model; `info` lists them;
-`train-unet` and `train-controlnet` train one candidate model each."""
+`train-unet` and `train-controlnet` train one candidate model each; `train-traits` the identity-trait reader, the
+evaluation's second identity judge."""
 
 from __future__ import annotations
 
@@ -51,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
                       "e.g. steps=4000 batch_size=16 (values parsed as JSON, else as strings)")  # fmt: skip
     p_cn.add_argument("--smoke", action="store_true", help="start from the smoke preset (seconds), not the defaults")
     p_cn.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p_tr = commands.add_parser("train-traits", help="train the identity-trait reader (eval's trait_match judge)")
+    p_tr.add_argument("--out", default=str(DEFAULT_TOY_DIR / "traits"), help="folder to write (default: data/toy/traits)")
+    p_tr.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="TraitReaderConfig overrides, e.g. "
+                      "steps=1000")  # fmt: skip
+    p_tr.add_argument("--smoke", action="store_true", help="the smoke preset (seconds; plumbing only)")
     args = parser.parse_args(argv)
+    if args.command == "train-traits":
+        return _train_traits(args)
     if args.command == "train-unet":
         return _train_unet(args)
     if args.command == "train-controlnet":
@@ -109,6 +117,21 @@ def _train_controlnet(args) -> int:
     config = ControlNetTrainConfig.from_dict({**dataclasses.asdict(base), **_overrides(args.set)})  # unknown keys raise
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     train_controlnet(config, args.out, unet_dir=args.unet, pipeline_dir=args.pipeline, resume=args.resume)
+    return 0
+
+
+def _train_traits(args) -> int:
+    import dataclasses
+
+    from .trait_reader import TraitReaderConfig, train_trait_reader
+
+    base = TraitReaderConfig.smoke() if args.smoke else TraitReaderConfig()
+    values = {**dataclasses.asdict(base), **_overrides(args.set)}
+    unknown = set(values) - {f.name for f in dataclasses.fields(TraitReaderConfig)}
+    if unknown:
+        raise SystemExit(f"--set: unknown TraitReaderConfig keys {sorted(unknown)}")
+    config = TraitReaderConfig(**{**values, "widths": tuple(values["widths"])})
+    print(json.dumps(train_trait_reader(args.out, config), indent=2))
     return 0
 
 

@@ -1,0 +1,58 @@
+"""The identity-trait reader, eval's second ID judge: training, the saved file, and its match score."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hyperlora.toy.render import split_identities
+from hyperlora.toy.teacher import AttributeCNN, identity_trait_labels
+from hyperlora.toy.trait_reader import (
+    WEIGHTS,
+    TraitReader,
+    TraitReaderConfig,
+    save_trait_reader,
+    train_trait_reader,  # fmt: skip
+)
+
+
+def make_reader(folder, readable=("skin_tone", "iris_colour", "brow_colour")) -> TraitReader:
+    """An untrained reader whose readable traits are set by hand (plumbing: its reads mean nothing)."""
+    config = TraitReaderConfig.smoke()
+    _, classes, edges = identity_trait_labels(split_identities("train")[:32], bins=config.bins)
+    torch.manual_seed(0)
+    model = AttributeCNN(widths=config.widths, classes=classes).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_trait_reader(folder, model, config, classes, edges, list(readable))
+    return TraitReader.load(folder)
+
+
+def test_smoke_training_writes_weights_card_and_per_trait_figures(tmp_path):
+    figures = train_trait_reader(tmp_path, TraitReaderConfig.smoke())
+    assert (tmp_path / WEIGHTS).is_file()
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert set(card["figures"]["per_trait"]) >= {"skin_tone", "iris_colour", "moles", "face_width"}
+    assert all(0 <= t["accuracy"] <= 1 and 0 < t["majority"] <= 1 for t in figures["per_trait"].values())
+    if not figures["readable"]:  # 4 steps read nothing: loading it must say so rather than judge by chance
+        with pytest.raises(ValueError, match="reads no trait above chance"):
+            TraitReader.load(tmp_path)
+
+
+def test_reload_reads_like_the_saved_network(tmp_path):
+    reader = make_reader(tmp_path / "r")
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    read = reader.read(images)
+    assert read.shape == (3, len(reader.names)) and reader.readable == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="train-traits"):
+        TraitReader.load(tmp_path / "missing")
+
+
+def test_match_is_the_fraction_of_readable_traits_read_as_the_persons_own(tmp_path, monkeypatch):
+    reader = make_reader(tmp_path / "r")
+    person, other = 1_000_000, 1_000_001
+    own, theirs = reader.truth([person]), reader.truth([other])
+    monkeypatch.setattr(reader, "read", lambda images: torch.cat([own, theirs]))
+    match = reader.match(np.zeros((2, 64, 64, 3), np.uint8), person)
+    expected_other = float((own[0, :3] == theirs[0, :3]).float().mean())
+    assert match[0] == 1.0 and match[1] == pytest.approx(expected_other) and expected_other < 1.0
