@@ -120,9 +120,31 @@ def summarize_run(records: list[dict], timings: list[dict], methods: dict, world
         mine = [r for r in records if r["variant"] == variant]
         rows.append(summarize_variant(mine, [t for t in timings if t["variant"] == variant],
                                       methods[mine[0]["method"]], world, out))  # fmt: skip
+    controls = {key: paired_gap(records, "hyperlora", "hyperlora_other", key) for key in ("id_sim", "trait_match")}
     return {"world": config.world, "label": rows[0]["label"] if rows else world.label, "rows": rows,
+            "control_gap": {k: v for k, v in controls.items() if v is not None},
             "not_available": dict(world.not_available), "timings": timings,
             "config": dataclasses.asdict(config)}  # fmt: skip
+
+
+def paired_gap(records: list[dict], variant: str, control: str, key: str) -> dict | None:
+    """`variant` minus `control` on the same (identity, prompt, seed), so the seeds' and prompts' shared noise cancels:
+    the mean difference, its standard error over identities (each identity's mean difference is one sample) and how
+    many identities it is above zero for. None when either variant or the metric is missing."""
+    values: dict[str, dict[tuple, float]] = {variant: {}, control: {}}
+    for r in records:
+        if r["variant"] in values and np.isfinite(r.get(key, float("nan"))):
+            values[r["variant"]][(r["identity"], r["prompt_index"], r["seed_index"])] = r[key]
+    shared = values[variant].keys() & values[control].keys()
+    if not shared:
+        return None
+    per_identity: dict = {}
+    for k in shared:
+        per_identity.setdefault(k[0], []).append(values[variant][k] - values[control][k])
+    means = np.array([np.mean(v) for v in per_identity.values()])
+    sem = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else None
+    return {"variant": variant, "control": control, "metric": key, "mean": float(means.mean()), "sem": sem,
+            "identities_above_zero": int((means > 0).sum()), "n_identities": len(means), "n_pairs": len(shared)}
 
 
 def write_grids(out: Path, records: list[dict], identities: list[dict]) -> list[Path]:

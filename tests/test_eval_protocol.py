@@ -205,8 +205,28 @@ def test_other_reference_control_personalises_from_the_next_person(toy_dir, tmp_
     others = [t for t in summary["timings"] if t["variant"] == "hyperlora_other"]
     people = [r["identity"] for r in read_records(tmp_path / "run") if r["variant"] == "hyperlora"]
     assert [t["reference_identity"] for t in others] == people[1:] + people[:1]
+    gap = summary["control_gap"]["id_sim"]
+    assert gap["n_pairs"] == 2 and gap["n_identities"] == 2 and gap["control"] == "hyperlora_other"
     with pytest.raises(ValueError, match="num-identities >= 2"):
         run_evaluation(smoke_config(toy_dir, methods="hyperlora_other", checkpoint=str(tmp_path / "ckpt")), tmp_path / "x")
+
+
+def test_paired_gap_cancels_shared_noise_and_counts_identities():
+    from eval.summary import paired_gap
+
+    rng = np.random.default_rng(0)
+    records = []
+    for identity in range(4):
+        for seed in range(3):
+            shared = rng.normal(0, 0.5)  # what the seed and prompt do to both variants alike
+            lift = 0.1 if identity < 3 else -0.05
+            for variant, value in (("hyperlora", shared + lift), ("hyperlora_other", shared)):
+                records.append(dict(variant=variant, identity=identity, prompt_index=0, seed_index=seed, id_sim=value))
+    records.append(dict(variant="hyperlora", identity=9, prompt_index=0, seed_index=0, id_sim=5.0))  # unpaired
+    gap = paired_gap(records, "hyperlora", "hyperlora_other", "id_sim")
+    assert gap["mean"] == pytest.approx((3 * 0.1 - 0.05) / 4) and gap["identities_above_zero"] == 3
+    assert gap["n_pairs"] == 12 and gap["sem"] == pytest.approx(np.std([0.1] * 3 + [-0.05], ddof=1) / 2)
+    assert paired_gap(records, "hyperlora", "base", "id_sim") is None
 
 
 def test_reference_looks_avoid_asked_values_and_survive_prompt_sets_that_ask_every_value():
