@@ -56,3 +56,29 @@ def test_match_is_the_fraction_of_readable_traits_read_as_the_persons_own(tmp_pa
     match = reader.match(np.zeros((2, 64, 64, 3), np.uint8), person)
     expected_other = float((own[0, :3] == theirs[0, :3]).float().mean())
     assert match[0] == 1.0 and match[1] == pytest.approx(expected_other) and expected_other < 1.0
+
+
+def test_rescore_adds_trait_match_to_a_saved_run_and_pairs_the_control(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from eval.rescore import rescore
+
+    make_reader(tmp_path / "traits")
+    run = tmp_path / "run"
+    (run / "images").mkdir(parents=True)
+    records = []
+    for variant in ("hyperlora", "hyperlora_other"):
+        for identity in (1_000_000, 1_000_001):
+            name = f"images/{variant}_{identity}.png"
+            Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(run / name)
+            records.append(dict(variant=variant, identity=identity, prompt_index=0, seed_index=0, id_sim=0.1,
+                                image=name))  # fmt: skip
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "config.json").write_text(json.dumps({"config": {"world": "toy"}}))
+    result = rescore(run, tmp_path / "traits")
+    rescored = [json.loads(line) for line in (run / "records_traits.jsonl").read_text().splitlines()]
+    assert all(0 <= r["trait_match"] <= 1 for r in rescored) and set(result["variants"]) == {"hyperlora", "hyperlora_other"}
+    assert result["control_gap"]["trait_match"]["n_pairs"] == 2
+    (run / "config.json").write_text(json.dumps({"config": {"world": "sdxl"}}))
+    with pytest.raises(ValueError, match="only toy runs"):
+        rescore(run, tmp_path / "traits")
