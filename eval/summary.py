@@ -178,3 +178,39 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> 
         cells = "".join(f"{row[c]:>13.4f}" if isinstance(row.get(c), float) else f"{'-':>13}" for c in columns)
         lines.append(f"{row['variant']:<16}{cells}{ms if ms is None else round(ms, 1)!s:>13}  {row['weights']}")
     return "\n".join(lines)
+
+
+def run_control_gap(run_dir: str | Path, key: str = "id_sim") -> dict | None:
+    """`paired_gap` of a saved run's records (records_traits.jsonl when `eval.rescore` wrote one)."""
+    import json
+
+    run = Path(run_dir)
+    path = run / "records_traits.jsonl" if (run / "records_traits.jsonl").is_file() else run / "records.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return paired_gap(records, "hyperlora", "hyperlora_other", key)
+
+
+def plot_control_gaps(runs: dict[str, str | Path], keys: tuple[str, ...] = ("id_sim", "trait_match"), path=None):
+    """One horizontal bar per run (label -> run folder): the paired control gap per metric, with two standard errors
+    as whiskers and a line at zero; a gap whose whiskers clear zero is one the test can see."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 0.45 * len(runs) + 1.4), sharey=True,
+                             squeeze=False)  # fmt: skip
+    labels = list(runs)
+    for ax, key in zip(axes[0], keys):
+        gaps = [run_control_gap(runs[label], key) for label in labels]
+        ys = [i for i, g in enumerate(gaps) if g is not None]
+        means = [gaps[i]["mean"] for i in ys]
+        errors = [2 * (gaps[i]["sem"] or 0.0) for i in ys]
+        ax.barh(ys, means, xerr=errors, color=["tab:green" if m - e > 0 else "tab:grey" for m, e in zip(means, errors)],
+                capsize=3)  # fmt: skip
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{key}: own minus next person's references", fontsize=9)
+        ax.set_xlabel("paired gap (mean ± 2 s.e. over people)")
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -245,3 +245,19 @@ def test_reference_looks_avoid_asked_values_and_survive_prompt_sets_that_ask_eve
     every = [Prompt(f"a person wearing a {kind}", "look", {"clothing_type": kind})
              for kind in LOOK_ATTRIBUTES["clothing_type"]]  # fmt: skip
     assert reference_look_values(0, every, seed=0)["clothing_type"] in LOOK_ATTRIBUTES["clothing_type"]
+
+
+def test_control_gap_figure_reads_saved_runs(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from eval.summary import plot_control_gaps, run_control_gap
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [dict(variant=v, identity=i, prompt_index=0, seed_index=0, id_sim=x)
+            for i in range(3) for v, x in (("hyperlora", 0.2 + i / 100), ("hyperlora_other", 0.0))]  # fmt: skip
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_control_gap(run)["mean"] == pytest.approx(0.21) and run_control_gap(run, "trait_match") is None
+    fig = plot_control_gaps({"a run": run}, path=tmp_path / "gaps.png")
+    assert (tmp_path / "gaps.png").is_file() and len(fig.axes) == 2
