@@ -114,7 +114,8 @@ def test_toy_only_metrics_are_none_with_a_reason(run):
         for key in TOY_ONLY:
             assert row[key] is None, f"{row['variant']}: {key} needs ground truth the sdxl world lacks"
             assert "ground-truth look attributes" in row["not_available"][key]
-    assert set(summary["not_available"]) == set(TOY_ONLY)
+        assert row["trait_match"] is None and "identity traits" in row["not_available"]["trait_match"]
+    assert set(summary["not_available"]) == {*TOY_ONLY, "trait_match"}
     with open(out / "summary.csv") as f:
         assert all(row["leakage_mean"] == "" for row in csv.DictReader(f))
     assert all(row["id_sim"] is not None and row["clip_t"] is not None for row in summary["rows"])
