@@ -82,3 +82,10 @@ def test_rescore_adds_trait_match_to_a_saved_run_and_pairs_the_control(tmp_path,
     (run / "config.json").write_text(json.dumps({"config": {"world": "sdxl"}}))
     with pytest.raises(ValueError, match="only toy runs"):
         rescore(run, tmp_path / "traits")
+
+
+def test_toy_info_lists_the_shipped_reader():
+    from hyperlora.toy.build import info
+
+    row = next(r for r in info() if r["folder"] == "traits")
+    assert row["present"] and row["card"] and row["passed"] and row["mb"] < 3

@@ -318,11 +318,16 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+# Shipped toy models that `build` does not make (its 90-minute budget is spent): each has its own command,
+# `python -m hyperlora.toy train-controlnet` and `train-traits`.
+OWN_COMMAND_FOLDERS = ("controlnet", "traits")
+
+
 def info(out: str | Path = DEFAULT_TOY_DIR) -> list[dict]:
     """What is under the toy folder: each expected model folder, its size, and its card's verdict."""
     out = Path(out)
     rows = []
-    for folder in [step.folder for step in STEPS] + [PIPELINE_FOLDER]:
+    for folder in [step.folder for step in STEPS] + [PIPELINE_FOLDER] + list(OWN_COMMAND_FOLDERS):
         path = out / folder
         row = {"folder": folder, "present": path.is_dir(), "mb": folder_size(path) / 1e6 if path.is_dir() else 0.0}
         card = path / "model_card.json"
