@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -182,8 +183,6 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> 
 
 def run_control_gap(run_dir: str | Path, key: str = "id_sim") -> dict | None:
     """`paired_gap` of a saved run's records (records_traits.jsonl when `eval.rescore` wrote one)."""
-    import json
-
     run = Path(run_dir)
     path = run / "records_traits.jsonl" if (run / "records_traits.jsonl").is_file() else run / "records.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
