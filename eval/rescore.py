@@ -5,7 +5,7 @@
 For runs made before the trait reader existed (or with another reader): adds `trait_match` to every record of
 RUN_DIR/records.jsonl (the run's own file is kept; the rescored records go to records_traits.jsonl) and prints, per
 variant, the mean trait match and, where the run has `hyperlora` and `hyperlora_other`, the paired control gaps
-of ID similarity and trait match (`eval.summary.paired_gap`). Toy runs only: the reader knows toy people's traits.
+of ID similarity and trait match (`eval.summary.control_gaps`). Toy runs only: the reader knows toy people's traits.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .summary import paired_gap
+from .summary import control_gaps
 
 
 def rescore(run_dir: str | Path, trait_reader: str | Path = "data/toy/traits") -> dict:
@@ -39,9 +39,7 @@ def rescore(run_dir: str | Path, trait_reader: str | Path = "data/toy/traits") -
     variants = {}
     for r in records:
         variants.setdefault(r["variant"], []).append(r["trait_match"])
-    gaps = {key: paired_gap(records, "hyperlora", "hyperlora_other", key) for key in ("id_sim", "trait_match")}
-    return {"variants": {k: float(np.mean(v)) for k, v in variants.items()},
-            "control_gap": {k: v for k, v in gaps.items() if v is not None}}  # fmt: skip
+    return {"variants": {k: float(np.mean(v)) for k, v in variants.items()}, "control_gap": control_gaps(records)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,11 +121,16 @@ def summarize_run(records: list[dict], timings: list[dict], methods: dict, world
         mine = [r for r in records if r["variant"] == variant]
         rows.append(summarize_variant(mine, [t for t in timings if t["variant"] == variant],
                                       methods[mine[0]["method"]], world, out))  # fmt: skip
-    controls = {key: paired_gap(records, "hyperlora", "hyperlora_other", key) for key in ("id_sim", "trait_match")}
     return {"world": config.world, "label": rows[0]["label"] if rows else world.label, "rows": rows,
-            "control_gap": {k: v for k, v in controls.items() if v is not None},
+            "control_gap": control_gaps(records),
             "not_available": dict(world.not_available), "timings": timings,
             "config": dataclasses.asdict(config)}  # fmt: skip
+
+
+def control_gaps(records: list[dict], keys: tuple[str, ...] = ("id_sim", "trait_match")) -> dict[str, dict]:
+    """figure 2's control: `paired_gap` of hyperlora against hyperlora_other per metric, where both are present."""
+    gaps = {key: paired_gap(records, "hyperlora", "hyperlora_other", key) for key in keys}
+    return {key: gap for key, gap in gaps.items() if gap is not None}
 
 
 def paired_gap(records: list[dict], variant: str, control: str, key: str) -> dict | None:
@@ -166,8 +171,8 @@ def write_grids(out: Path, records: list[dict], identities: list[dict]) -> list[
     return paths
 
 
-TABLE_COLUMNS = ("id_sim", "trait_match", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_diversity", "lpips_preservation",
-                 "leakage_mean", "adherence_mean")  # fmt: skip
+TABLE_COLUMNS = ("id_sim", "trait_match", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_diversity",
+                 "lpips_preservation", "leakage_mean", "adherence_mean")  # fmt: skip
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
