@@ -214,18 +214,19 @@ class HyperLoRAFineTune(HyperLoRAMethod):
             logger.warning("identity %s: personalisation failed (%s)", identity["id"], err)
             return None
         self.personalized.reset()  # training adds the LoRA through hooks, on the base weights
+        self.personalization = result
         fixed = [(result.loras[b], s) for b, s in result.scales.items() if b != "id" and s]
         return result.loras["id"], fixed, {f"{k}_ms": v for k, v in result.timings_ms.items()}
 
+    def _tuner(self, batch: dict, start, config, fixed):
+        """The fine-tuner of `start` (what `_start` returned first)."""
+        from hyperlora.finetune import LoRAFinetuner, noise_scheduler, start_lora
+
+        pipe = self.world.pipe
+        return LoRAFinetuner(pipe.unet, noise_scheduler(pipe), batch, start_lora(config, start), config, fixed=fixed)
+
     def variants(self, identity):
-        from hyperlora.finetune import (
-            INSTANCE_PROMPT,
-            FinetuneConfig,
-            LoRAFinetuner,
-            noise_scheduler,
-            reference_batch,
-            start_lora,
-        )
+        from hyperlora.finetune import INSTANCE_PROMPT, FinetuneConfig, reference_batch
         from hyperlora.pipeline import with_trigger
 
         c, pipe, fusion = self.config, self.world.pipe, self.personalized.fusion
@@ -246,8 +247,7 @@ class HyperLoRAFineTune(HyperLoRAMethod):
             batch = reference_batch(pipe, list(identity["images"]), with_trigger(INSTANCE_PROMPT, trigger), c.size)
             config = FinetuneConfig(lr=c.finetune_lr, seed=eval_seed(c.seed, identity["id"], 2), init=self.init,
                                     scale=c.id_scale)  # fmt: skip
-            start_at = start_lora(config, lora)
-            tuner = LoRAFinetuner(pipe.unet, noise_scheduler(pipe), batch, start_at, config, fixed=fixed)
+            tuner = self._tuner(batch, lora, config, fixed)
             elapsed, done = time.perf_counter() - start, 0
             for count in self.counts:
                 start = time.perf_counter()
@@ -285,6 +285,36 @@ class ZeroFineTune(HyperLoRAFineTune):
         rank = model.config.rank
         template = zero_lora(shapes, rank, HyperLoRAConfig.alpha(rank)).to(self.config.device, torch.float32)
         return template, [], {}
+
+
+class CoefficientFineTune(HyperLoRAFineTune):
+    """The same fine-tune, but of HyperLoRA's ID coefficient tokens over its frozen basis banks
+    (hyperlora/coefficient_tune.py): the best ID-LoRA the trained bases can make for the person, which tells a
+    resampler that maps badly (this scores high, `hyperlora` low) from bases that cannot express the person."""
+
+    name = "coef_ft"
+
+    def __init__(self, config: EvalConfig, world):
+        super().__init__(config, world)
+        self.label = self.label.replace("its ID LoRA fine-tuned", "its ID coefficients (bases frozen) fine-tuned")
+
+    def _start(self, identity: dict):
+        started = super()._start(identity)
+        if started is None:
+            return None
+        _, fixed, timings = started
+        kwargs = self.personalization.features.generate_kwargs() | {"clip_blurred": None}
+        with torch.no_grad():
+            coefficients = self.personalized.hyperlora.coefficients(**kwargs)["id"]
+        return coefficients, fixed, timings
+
+    def _tuner(self, batch: dict, start, config, fixed):
+        from hyperlora.coefficient_tune import CoefficientFinetuner
+        from hyperlora.finetune import noise_scheduler
+
+        pipe = self.world.pipe
+        return CoefficientFinetuner(pipe.unet, noise_scheduler(pipe), batch, self.personalized.hyperlora, start, config,
+                                    fixed=fixed)  # fmt: skip
 
 
 class OtherReference(HyperLoRAMethod):
@@ -325,7 +355,8 @@ class NoTrigger(HyperLoRAMethod):
 
 METHOD_CLASSES = {"hyperlora": HyperLoRAMethod, "hyperlora_other": OtherReference, "hyperlora_no_trigger": NoTrigger,
                   "base": BaseModel, "renders": Renders,
-                  "dreambooth": DreamBooth, "hyperlora_ft": HyperLoRAFineTune, "zero_ft": ZeroFineTune}  # fmt: skip
+                  "dreambooth": DreamBooth, "hyperlora_ft": HyperLoRAFineTune, "zero_ft": ZeroFineTune,
+                  "coef_ft": CoefficientFineTune}  # fmt: skip
 
 
 def make_method(name: str, config: EvalConfig, world) -> Method:

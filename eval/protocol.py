@@ -53,7 +53,7 @@ from .summary import (  # noqa: F401  (format_table: re-exported for notebooks a
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("hyperlora", "hyperlora_other", "hyperlora_no_trigger", "base", "renders", "dreambooth", "hyperlora_ft",
-           "zero_ft")  # fmt: skip
+           "zero_ft", "coef_ft")  # fmt: skip
 
 
 @dataclass
@@ -86,10 +86,10 @@ class EvalConfig:
     judge_backend: str = "toy"  # ID-similarity judge; sdxl warns when it is the conditioning one (not independent)
     min_face_size: float = 8.0  # px; toy faces are ~25 px wide at 64 px
     det_threshold: float = 0.5  # toy detector score threshold (smoke detectors need 0 to find anything)
-    dreambooth_steps: str = "50,100,200"  # cumulative step counts to score (also hyperlora_ft's and zero_ft's)
+    dreambooth_steps: str = "50,100,200"  # cumulative step counts to score (also the *_ft methods')
     dreambooth_rank: int = 4
     dreambooth_lr: float = 1e-3
-    finetune_lr: float = 1e-3  # hyperlora_ft's and zero_ft's (hyperlora/finetune.py): DreamBooth's lr
+    finetune_lr: float = 1e-3  # the *_ft methods' (hyperlora/finetune.py): DreamBooth's lr
     device: str = "cpu"  # where the pipeline, the hypernetwork and DreamBooth run ("cuda" for real SDXL); the
     # judges (CLIP, face, LPIPS) stay on the CPU. Generators are CPU generators, so images do not depend on it
     dtype: str = "float32"  # the pipeline's and the hypernetwork's dtype ("float16" on a GPU); DreamBooth's LoRA

@@ -166,25 +166,36 @@ class LoRAFinetuner:
         self.scale = 1.0 if config.scale is None else config.scale
         self.fixed = list(fixed)
         self.rank, self.alpha, self.dtype = start.rank, start.alpha, next(iter(start.layers.values()))[0].dtype
-        device = unet.device
-        self.layers = {path: tuple(t.detach().to(device, torch.float32).clone().requires_grad_() for t in pair)
-                       for path, pair in start.layers.items()}  # fmt: skip
-        params = [t for pair in self.layers.values() for t in pair]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # no decay: the start is a prior
+        self.start_trainable(start, unet.device)
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr, weight_decay=0.0)  # no decay: a prior
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # batches, noise, timesteps
         self.losses: list[float] = []
+
+    def start_trainable(self, start: LoRAWeights, device: torch.device) -> None:
+        """float32 copies of the start's lora_down and lora_up, the tensors that train."""
+        self.layers = {path: tuple(t.detach().to(device, torch.float32).clone().requires_grad_() for t in pair)
+                       for path, pair in start.layers.items()}  # fmt: skip
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The tensors the optimiser trains."""
+        return [t for pair in self.layers.values() for t in pair]
+
+    def current(self) -> LoRAWeights:
+        """The LoRA being trained, float32, with gradients to the trained tensors."""
+        return LoRAWeights(self.layers, self.rank, self.alpha)
 
     @property
     def lora(self) -> LoRAWeights:
         """The current LoRA, detached, in the start's dtype."""
-        layers = {path: (d.detach().to(self.dtype), u.detach().to(self.dtype)) for path, (d, u) in self.layers.items()}
-        return LoRAWeights(layers, self.rank, self.alpha)
+        with torch.no_grad():
+            current = self.current()
+        layers = {path: (d.detach().to(self.dtype), u.detach().to(self.dtype)) for path, (d, u) in current.layers.items()}
+        return LoRAWeights(layers, current.rank, current.alpha)
 
     def loss(self, generator: torch.Generator, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The diffusion loss of the references (or the given rows) with the current LoRA applied."""
         batch = self.batch if rows is None else {k: v[rows.to(v.device)] for k, v in self.batch.items()}
-        current = LoRAWeights(self.layers, self.rank, self.alpha)
-        loras = [current, *(lora for lora, _ in self.fixed)]
+        loras = [self.current(), *(lora for lora, _ in self.fixed)]
         with functional_lora(self.unet, loras, [self.scale, *(scale for _, scale in self.fixed)]):
             return diffusion_loss(self.unet, self.scheduler, batch, generator, self.config.snr_gamma)
 

@@ -13,6 +13,7 @@ from eval.baselines import make_method
 from eval.protocol import EvalConfig, ToyWorld, eval_seed
 from eval.run import main as eval_main
 from hyperlora.__main__ import main
+from hyperlora.coefficient_tune import CoefficientFinetuner
 from hyperlora.diffusion import diffusion_loss
 from hyperlora.finetune import (
     INSTANCE_PROMPT,
@@ -181,7 +182,7 @@ def smoke_config(toy, **overrides) -> EvalConfig:
     return EvalConfig(**{**values, **overrides})
 
 
-@pytest.mark.parametrize("name", ["hyperlora_ft", "zero_ft"])
+@pytest.mark.parametrize("name", ["hyperlora_ft", "zero_ft", "coef_ft"])
 def test_the_eval_method_tunes_in_place_and_restores_the_unet(toy, name):
     config = smoke_config(toy)
     world = ToyWorld(config)
@@ -215,3 +216,42 @@ def test_eval_run_compares_both_inits_with_dreambooth(toy, tmp_path):
     assert all(r["label"].startswith("PLUMBING, NOT RESULTS") for r in rows)
     assert all(r["personalize_train_ms"] > 0 and r["dreambooth_steps"] in (1, 2) for r in rows)
     assert all(np.isfinite(r["id_sim"]) for r in rows)
+
+
+def test_coefficient_tuning_keeps_unit_tokens_moves_only_them_and_starts_at_the_generated_lora(toy_pipe, toy):
+    result = toy_pipe.personalize(faces(toy), id_scale=0.85)
+    toy_pipe.reset()
+    model = toy_pipe.hyperlora
+    kwargs = result.features.generate_kwargs() | {"clip_blurred": None}
+    with torch.no_grad():
+        coefficients = model.coefficients(**kwargs)["id"]
+    bases = {k: v.clone() for k, v in model.state_dict().items()}
+    unet = toy_pipe.pipe.unet
+    before = unet_state(unet)
+    batch = reference_batch(toy_pipe.pipe, faces(toy), toy_pipe.prompt_as_sent(INSTANCE_PROMPT), 64)
+    config = FinetuneConfig(steps=8, lr=3e-2, scale=0.85)
+    tuner = CoefficientFinetuner(unet, noise_scheduler(toy_pipe.pipe), batch, model, coefficients, config)
+    for path, (down, up) in result.loras["id"].layers.items():  # step 0: the generated LoRA (the pipeline's is fp16)
+        torch.testing.assert_close(tuner.lora.layers[path][0], down.float(), atol=1e-3, rtol=1e-2)
+        torch.testing.assert_close(tuner.lora.layers[path][1], up.float(), atol=1e-3, rtol=1e-2)
+
+    def fixed_noise_loss():
+        with torch.no_grad():
+            return np.mean([float(tuner.loss(torch.Generator().manual_seed(s))) for s in range(8)])
+
+    start = fixed_noise_loss()
+    tuner.train(8, progress=False)
+    assert fixed_noise_loss() < start, "8 steps must lower the diffusion loss on the references"
+    tokens = tuner.unit_coefficients
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(tokens.shape[:2]))
+    assert not torch.allclose(tokens, coefficients), "the tokens moved"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, bases[key]), f"{key}: the bases and the resampler must not change"
+    assert all(not p.requires_grad for p in model.parameters()) or all(p.grad is None for p in model.parameters())
+    assert_same_unet(before, unet_state(unet))
+
+
+def test_coefficient_tuning_refuses_a_batch_of_identities(toy_pipe):
+    q, k = 8 * len(toy_pipe.hyperlora.targets), toy_pipe.hyperlora.config.hyper_dim
+    with pytest.raises(ValueError, match=r"one identity's \[1, Q, K\]"):
+        CoefficientFinetuner(toy_pipe.pipe.unet, None, {}, toy_pipe.hyperlora, torch.zeros(2, q, k), FinetuneConfig())
