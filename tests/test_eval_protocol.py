@@ -261,3 +261,29 @@ def test_control_gap_figure_reads_saved_runs(tmp_path):
     assert run_control_gap(run)["mean"] == pytest.approx(0.21) and run_control_gap(run, "trait_match") is None
     fig = plot_control_gaps({"a run": run}, path=tmp_path / "gaps.png")
     assert (tmp_path / "gaps.png").is_file() and len(fig.axes) == 2
+
+
+def test_tuning_curves_average_people_first_and_skip_untuned_controls(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from eval.tuning_curves import plot_tuning_curves, tuning_table
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [dict(variant=v, identity=i, prompt_index=p, seed_index=0, id_sim=x + i / 10 + p / 100)
+            for i in range(2) for p in range(2)
+            for v, x in (("hyperlora", 0.0), ("zero_ft@10", 0.1), ("zero_ft@20", 0.3), ("renders", 0.9))]  # fmt: skip
+    rows.append(dict(variant="zero_ft@10", identity=1, prompt_index=2, seed_index=0, id_sim=float("nan")))
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = [{"variant": "zero_ft@10", "personalize_total_ms": 1000.0}, {"variant": "zero_ft@20",
+               "personalize_total_ms": 3000.0}, {"variant": "hyperlora", "personalize_total_ms": 5.0}]  # fmt: skip
+    (run / "summary.json").write_text(json.dumps({"rows": summary}))
+    table = {r["variant"]: r for r in tuning_table(run)}
+    assert set(table) == {"hyperlora", "zero_ft@10", "zero_ft@20"}, "renders is neither tuned nor zero-shot"
+    ten = table["zero_ft@10"]
+    assert ten["steps"] == 10 and ten["seconds"] == 1.0 and ten["n_identities"] == 2
+    assert ten["mean"] == pytest.approx(0.105 + 0.05) and ten["sem"] == pytest.approx(0.05), "people first, NaN skipped"
+    assert table["hyperlora"]["steps"] is None
+    fig = plot_tuning_curves(list(table.values()), path=tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").is_file() and len(fig.axes) == 2
