@@ -17,7 +17,7 @@ from hyperlora.train.__main__ import parser
 from hyperlora.train.config import PARAM_GROUPS, StageConfig, resolve
 from hyperlora.train.loop import build_model, load_base_pipeline, train_schedule, train_stage
 from hyperlora.train.losses import LoRAGenerator, stage_loss
-from hyperlora.train.params import group_of, select_trainable
+from hyperlora.train.params import group_of, optimizer_groups, select_trainable
 
 # A tiny pool (3 people x 2 looks) and 2 steps per stage: plumbing, not results.
 TINY_RUN = dict(num_identities=3, images_per_identity=2, batch_size=4, val_identities=2, val_every=2,
@@ -77,6 +77,22 @@ def test_every_parameter_is_in_exactly_one_group(unet):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(params) == len(names) and all(n.startswith(("id_projector", "resampler.proj_in.", "resampler.layers"))
                                              and "attn3" not in n for n in names)  # fmt: skip
+
+
+def test_a_basis_lr_scale_gives_the_basis_banks_their_own_learning_rate(unet):
+    model = build_model(tiny(1), unet, None)
+    params = select_trainable(model, ("id_basis", "resampler_core"))
+    assert optimizer_groups(model, params, 1e-3) == [{"params": params, "lr": 1e-3}], "scale 1: one group, as before"
+    rest, basis = optimizer_groups(model, params, 1e-3, 5.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert basis["lr"] == pytest.approx(5e-3) and rest["lr"] == 1e-3
+    assert all(names[id(p)].endswith("id_down_basis") or names[id(p)].endswith("id_up_basis") for p in basis["params"])
+    assert all(names[id(p)].startswith("resampler.") for p in rest["params"])
+    assert len(rest["params"]) + len(basis["params"]) == len(params)
+    only_bases = optimizer_groups(model, select_trainable(model, ("id_basis",)), 1e-3, 5.0)
+    assert len(only_bases) == 1 and only_bases[0]["lr"] == pytest.approx(5e-3), "no empty group"
+    with pytest.raises(ValueError, match="basis_lr_scale must be > 0"):
+        StageConfig(basis_lr_scale=0)
 
 
 def test_each_stage_writes_a_checkpoint_that_reloads_in_the_official_format(schedule, unet):

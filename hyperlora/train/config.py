@@ -32,6 +32,8 @@ class StageConfig:
     lr: float = 1e-4  # AdamW peak learning rate
     warmup_steps: int = 100  # linear warmup, then `lr_schedule`
     lr_schedule: str = "cosine"  # a diffusers.optimization.get_scheduler name: cosine, constant, linear, ...
+    basis_lr_scale: float = 1.0  # the basis banks train at lr x this, the resampler and encoders' paths at lr
+    # (coef_ft finds the trained bases, not only the resampler, limiting identity: README, "Which link limits")
     train_groups: tuple[str, ...] = ()  # parameter groups trained (PARAM_GROUPS); empty: the stage's default
     id_inputs: tuple[str, ...] = ()  # ID-branch inputs ("clip", "arcface"); empty: stage 2 clip, stage 3 both
     # Stage 2-3 cases, drawn per sample: (a) trigger words + ID + Base -> the target image; (b) no trigger words,
@@ -69,6 +71,8 @@ class StageConfig:
             raise ValueError(f"max_timestep must be >= 0 (0: every training timestep), got {self.max_timestep}")
         if self.targets_per_reference < 1:
             raise ValueError(f"targets_per_reference must be >= 1, got {self.targets_per_reference}")
+        if self.basis_lr_scale <= 0:
+            raise ValueError(f"basis_lr_scale must be > 0, got {self.basis_lr_scale}")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError(f"steps must be >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
 

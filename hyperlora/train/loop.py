@@ -39,7 +39,7 @@ from ..toy.cards import git_commit
 from .config import RunConfig
 from .data import TRAINING_SET_FILE, TrainingSet, fixed_batch, sample_batch, step_seed
 from .losses import LoRAGenerator, reference_gap, stage_loss
-from .params import select_trainable, zero_new_paths
+from .params import optimizer_groups, select_trainable, zero_new_paths
 from .resume import latest_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir:
         raise ValueError("stage 1 trains the Base-LoRA: the hypernetwork needs has_base_lora=True")
     params = select_trainable(model, stage.groups)
     module = LoRAGenerator(model).to(accelerator.device)
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=run.weight_decay)
+    groups = optimizer_groups(model, params, stage.lr, stage.basis_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=run.weight_decay)
     n = accelerator.num_processes  # accelerate steps a prepared LR schedule once per process
     schedule = get_scheduler(stage.lr_schedule, optimizer, num_warmup_steps=stage.warmup_steps * n,
                              num_training_steps=stage.steps * n)  # fmt: skip

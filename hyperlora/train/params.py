@@ -51,6 +51,18 @@ def select_trainable(model: HyperLoRA, groups: tuple[str, ...]) -> list[nn.Param
     return trainable
 
 
+def optimizer_groups(model: HyperLoRA, params: list[nn.Parameter], lr: float, basis_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: one at `lr`, or, when `basis_lr_scale` != 1, the basis banks (id and base) at
+    lr x basis_lr_scale beside the rest at lr. An LR schedule scales every group alike."""
+    if basis_lr_scale == 1.0:
+        return [{"params": params, "lr": lr}]
+    trained = {id(p) for p in params}
+    basis = [p for name, p in model.named_parameters() if id(p) in trained and name.endswith("_basis")]
+    rest = [p for p in params if all(p is not b for b in basis)]
+    groups = [{"params": rest, "lr": lr}, {"params": basis, "lr": lr * basis_lr_scale}]
+    return [group for group in groups if group["params"]]
+
+
 @torch.no_grad()
 def zero_new_paths(model: HyperLoRA) -> None:
     """Zero the output projection of the ArcFace cross-attention (attn2) in every resampler block.
