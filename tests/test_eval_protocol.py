@@ -287,3 +287,19 @@ def test_tuning_curves_average_people_first_and_skip_untuned_controls(tmp_path):
     assert table["hyperlora"]["steps"] is None
     fig = plot_tuning_curves(list(table.values()), path=tmp_path / "curves.png")
     assert (tmp_path / "curves.png").is_file() and len(fig.axes) == 2
+
+
+def test_lora_geometry_measures_the_update_not_the_factors():
+    from eval.lora_geometry import update_cosine, update_distance, update_norm
+    from hyperlora.lora import LoRAWeights
+
+    generator = torch.Generator().manual_seed(0)
+    down, up = torch.randn(1, 2, 5, generator=generator), torch.randn(1, 3, 2, generator=generator)
+    mix = torch.tensor([[2.0, 1.0], [0.0, 0.5]])  # another factorisation of the same update: B M^-1, M A
+    a = LoRAWeights({"x": (down, up)}, rank=2, alpha=2.0)
+    b = LoRAWeights({"x": (mix @ down, up @ torch.linalg.inv(mix))}, rank=2, alpha=2.0)
+    assert update_norm(a) == pytest.approx(float((up[0] @ down[0]).norm()))
+    assert update_cosine(a, b) == pytest.approx(1.0, abs=1e-5) and update_distance(a, b) == pytest.approx(0, abs=1e-5)
+    negative = LoRAWeights({"x": (down, -up)}, rank=2, alpha=2.0)
+    assert update_cosine(a, negative) == pytest.approx(-1.0, abs=1e-6)
+    assert update_distance(a, negative) == pytest.approx(2.0, abs=1e-5)
