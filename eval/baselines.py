@@ -133,6 +133,14 @@ class HyperLoRAMethod(Method):
             self.personalized.reset()
 
 
+def remove_adapter(unet, name: str) -> None:
+    """Delete a peft adapter and, when it was the last, peft's wrappers too: the UNet's linears are plain
+    nn.Linear again, as `functional_lora` and the fusers of the methods after it need them."""
+    unet.delete_adapters(name)
+    if not getattr(unet, "peft_config", None):
+        unet.unload_lora()
+
+
 class DreamBooth(Method):
     name = "dreambooth"
     label = "dreambooth LoRA fine-tuned per identity on the references (tuning baseline)"
@@ -184,7 +192,7 @@ class DreamBooth(Method):
                 timings = {"train_ms": 1000 * elapsed, "dreambooth_steps": count, "final_loss": float(loss)}
                 yield f"dreambooth@{count}", timings, self._generate
         finally:
-            unet.delete_adapters(ADAPTER)
+            remove_adapter(unet, ADAPTER)
 
     def _generate(self, prompt, seeds):
         return self.world.generate(f"{DREAMBOOTH_TOKEN}, {prompt.text}", seeds)

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import metrics
-from .baselines import ADAPTER, DREAMBOOTH_TARGETS, DREAMBOOTH_TOKEN, DreamBooth
+from .baselines import ADAPTER, DREAMBOOTH_TARGETS, DREAMBOOTH_TOKEN, DreamBooth, remove_adapter
 from .protocol import EvalConfig, ToyWorld, eval_seed, score_batch
 
 PARTS = {  # named parameter subsets of a diffusers UNet2DConditionModel
@@ -112,7 +112,7 @@ def carry(config: EvalConfig, world: ToyWorld, index: int, args) -> list[dict]:
             grid.append(np.concatenate([*identity["images"], np.full_like(images[0], 255), *images], axis=1))
     finally:
         if args.train == "lora":  # the base weights stay untouched under the adapter
-            unet.delete_adapters(ADAPTER)
+            remove_adapter(unet, ADAPTER)
         else:
             unet.load_state_dict(original)
     sheet = Image.fromarray(np.concatenate(grid, axis=0))

@@ -255,3 +255,20 @@ def test_coefficient_tuning_refuses_a_batch_of_identities(toy_pipe):
     q, k = 8 * len(toy_pipe.hyperlora.targets), toy_pipe.hyperlora.config.hyper_dim
     with pytest.raises(ValueError, match=r"one identity's \[1, Q, K\]"):
         CoefficientFinetuner(toy_pipe.pipe.unet, None, {}, toy_pipe.hyperlora, torch.zeros(2, q, k), FinetuneConfig())
+
+
+def test_dreambooth_leaves_plain_linears_so_a_later_method_can_hook_them(toy):
+    """A run of dreambooth then hyperlora_ft on the next person failed: peft's wrappers outlived the adapter."""
+    config = smoke_config(toy)
+    world = ToyWorld(config)
+    linears = {name for name, m in world.pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    method, identity = make_method("dreambooth", config, world), world.identity(0)
+    with torch.no_grad():
+        for _, _, generate in method.variants(identity):
+            generate(world.prompts[0], [0])
+    after = {name for name, m in world.pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert after == linears and not getattr(world.pipe.unet, "peft_config", None)
+    tuned = make_method("hyperlora_ft", config, world)
+    with torch.no_grad():
+        for _, _, generate in tuned.variants(world.identity(1 % config.num_identities)):
+            generate(world.prompts[0], [0])
