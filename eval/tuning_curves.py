@@ -41,10 +41,11 @@ def tuning_table(runs, key: str = "id_sim") -> list[dict]:
                 continue
             means = np.array([np.mean(v) for v in people.values()])
             sem = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else None
-            ms = summary.get(variant, {}).get("personalize_total_ms")
+            row = summary.get(variant, {})  # dreambooth has no personalisation before its training
+            ms = row.get("personalize_total_ms") or row.get("personalize_train_ms")
             rows.append({"run": str(run), "method": method, "variant": variant, "steps": int(steps) if steps else None,
                          "seconds": None if ms is None else ms / 1000, "mean": float(means.mean()), "sem": sem,
-                         "n_identities": len(means), "metric": key, "weights": summary.get(variant, {}).get("weights")})  # fmt: skip
+                         "n_identities": len(means), "metric": key, "weights": row.get("weights")})  # fmt: skip
     return rows
 
 
