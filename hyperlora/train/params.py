@@ -57,8 +57,9 @@ def optimizer_groups(model: HyperLoRA, params: list[nn.Parameter], lr: float, ba
     if basis_lr_scale == 1.0:
         return [{"params": params, "lr": lr}]
     trained = {id(p) for p in params}
-    basis = [p for name, p in model.named_parameters() if id(p) in trained and name.endswith("_basis")]
-    rest = [p for p in params if all(p is not b for b in basis)]
+    bases = {id(p) for name, p in model.named_parameters() if id(p) in trained and name.endswith("_basis")}
+    basis = [p for p in params if id(p) in bases]
+    rest = [p for p in params if id(p) not in bases]
     groups = [{"params": rest, "lr": lr}, {"params": basis, "lr": lr * basis_lr_scale}]
     return [group for group in groups if group["params"]]
 
