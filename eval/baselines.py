@@ -310,11 +310,10 @@ class CoefficientFineTune(HyperLoRAFineTune):
         started = super()._start(identity)
         if started is None:
             return None
+        from hyperlora.coefficient_tune import id_coefficients
+
         _, fixed, timings = started
-        kwargs = self.personalization.features.generate_kwargs() | {"clip_blurred": None}
-        with torch.no_grad():
-            coefficients = self.personalized.hyperlora.coefficients(**kwargs)["id"]
-        return coefficients, fixed, timings
+        return id_coefficients(self.personalized.hyperlora, self.personalization.features), fixed, timings
 
     def _tuner(self, batch: dict, start, config, fixed):
         from hyperlora.coefficient_tune import CoefficientFinetuner

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 from PIL import Image
 
 from hyperlora.lora import LoRAWeights
@@ -44,9 +43,15 @@ def update_distance(a: LoRAWeights, b: LoRAWeights) -> float:
 
 def person_loras(method, identity: dict, steps: int, lr: float, coef_lr: float, id_scale: float) -> dict:
     """{"generated", "zero_ft", "hyperlora_ft", "coef_ft"} LoRAs of one person (`method`: a HyperLoRAMethod)."""
-    from hyperlora.coefficient_tune import CoefficientFinetuner
-    from hyperlora.finetune import (INSTANCE_PROMPT, FinetuneConfig, LoRAFinetuner, noise_scheduler, reference_batch,
-                                    start_lora)  # fmt: skip
+    from hyperlora.coefficient_tune import CoefficientFinetuner, id_coefficients
+    from hyperlora.finetune import (
+        INSTANCE_PROMPT,
+        FinetuneConfig,
+        LoRAFinetuner,
+        noise_scheduler,
+        reference_batch,
+        start_lora,
+    )
     from hyperlora.pipeline import with_trigger
 
     personalized, pipe = method.personalized, method.world.pipe
@@ -60,9 +65,8 @@ def person_loras(method, identity: dict, steps: int, lr: float, coef_lr: float, 
         tuner = LoRAFinetuner(pipe.unet, noise_scheduler(pipe), batch, start_lora(config, result.loras["id"]), config)
         tuner.train(steps, progress=False)
         out[f"{init}_ft"] = tuner.lora
-    with torch.no_grad():
-        coefficients = personalized.hyperlora.coefficients(**result.features.generate_kwargs() | {"clip_blurred": None})
-    tuner = CoefficientFinetuner(pipe.unet, noise_scheduler(pipe), batch, personalized.hyperlora, coefficients["id"],
+    coefficients = id_coefficients(personalized.hyperlora, result.features)
+    tuner = CoefficientFinetuner(pipe.unet, noise_scheduler(pipe), batch, personalized.hyperlora, coefficients,
                                  FinetuneConfig(lr=coef_lr, scale=id_scale))  # fmt: skip
     tuner.train(steps, progress=False)
     out["coef_ft"] = tuner.lora

@@ -186,12 +186,16 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> 
     return "\n".join(lines)
 
 
-def run_control_gap(run_dir: str | Path, key: str = "id_sim") -> dict | None:
-    """`paired_gap` of a saved run's records (records_traits.jsonl when `eval.rescore` wrote one)."""
+def load_records(run_dir: str | Path) -> list[dict]:
+    """A saved run's per-image records: records_traits.jsonl when `eval.rescore` wrote one, else records.jsonl."""
     run = Path(run_dir)
     path = run / "records_traits.jsonl" if (run / "records_traits.jsonl").is_file() else run / "records.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    return paired_gap(records, "hyperlora", "hyperlora_other", key)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_control_gap(run_dir: str | Path, key: str = "id_sim") -> dict | None:
+    """`paired_gap` of a saved run's records."""
+    return paired_gap(load_records(run_dir), "hyperlora", "hyperlora_other", key)
 
 
 def plot_control_gaps(runs: dict[str, str | Path], keys: tuple[str, ...] = ("id_sim", "trait_match"), path=None):

@@ -17,12 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .summary import load_records
+
 ZERO_SHOT = ("hyperlora", "hyperlora_other", "base")
-
-
-def _records(run: Path) -> list[dict]:
-    path = run / "records_traits.jsonl" if (run / "records_traits.jsonl").is_file() else run / "records.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def tuning_table(runs, key: str = "id_sim") -> list[dict]:
@@ -32,7 +29,7 @@ def tuning_table(runs, key: str = "id_sim") -> list[dict]:
     for run in map(Path, [runs] if isinstance(runs, (str, Path)) else runs):
         summary = {r["variant"]: r for r in json.loads((run / "summary.json").read_text())["rows"]}
         per_person: dict[str, dict] = defaultdict(lambda: defaultdict(list))
-        for record in _records(run):
+        for record in load_records(run):
             if record.get(key) is not None and np.isfinite(record[key]):
                 per_person[record["variant"]][record["identity"]].append(record[key])
         for variant, people in per_person.items():

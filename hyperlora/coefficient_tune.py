@@ -6,7 +6,8 @@ gives the best ID-LoRA the trained bases can make for that person: if it carries
 one does not, the resampler's mapping is the link that limits; if it does not either, the bases are (and a
 free LoRA of the same rank, `LoRAFinetuner` from zero, says what any rank-r LoRA could do).
 
-    tuner = CoefficientFinetuner(unet, noise_scheduler(pipe), batch, hyperlora, coefficients["id"], config)
+    tuner = CoefficientFinetuner(unet, noise_scheduler(pipe), batch, hyperlora, id_coefficients(hyperlora, features),
+                                 config)
     tuner.train(200)
     tuner.lora  # LoRAWeights, as LoRAFinetuner's
 
@@ -23,6 +24,12 @@ import torch.nn.functional as F
 
 from .finetune import FinetuneConfig, LoRAFinetuner, frozen
 from .lora import LoRAWeights
+
+
+@torch.no_grad()
+def id_coefficients(hyperlora, features) -> torch.Tensor:
+    """The ID coefficient tokens [1, Q, K] a HyperLoRA predicts from one person's `ReferenceFeatures`."""
+    return hyperlora.coefficients(**features.generate_kwargs() | {"clip_blurred": None})["id"]
 
 
 class CoefficientFinetuner(LoRAFinetuner):

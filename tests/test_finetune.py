@@ -13,7 +13,7 @@ from eval.baselines import make_method
 from eval.protocol import EvalConfig, ToyWorld, eval_seed
 from eval.run import main as eval_main
 from hyperlora.__main__ import main
-from hyperlora.coefficient_tune import CoefficientFinetuner
+from hyperlora.coefficient_tune import CoefficientFinetuner, id_coefficients
 from hyperlora.diffusion import diffusion_loss
 from hyperlora.finetune import (
     INSTANCE_PROMPT,
@@ -222,9 +222,7 @@ def test_coefficient_tuning_keeps_unit_tokens_moves_only_them_and_starts_at_the_
     result = toy_pipe.personalize(faces(toy), id_scale=0.85)
     toy_pipe.reset()
     model = toy_pipe.hyperlora
-    kwargs = result.features.generate_kwargs() | {"clip_blurred": None}
-    with torch.no_grad():
-        coefficients = model.coefficients(**kwargs)["id"]
+    coefficients = id_coefficients(model, result.features)
     bases = {k: v.clone() for k, v in model.state_dict().items()}
     unet = toy_pipe.pipe.unet
     before = unet_state(unet)

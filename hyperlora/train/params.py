@@ -56,8 +56,7 @@ def optimizer_groups(model: HyperLoRA, params: list[nn.Parameter], lr: float, ba
     lr x basis_lr_scale beside the rest at lr. An LR schedule scales every group alike."""
     if basis_lr_scale == 1.0:
         return [{"params": params, "lr": lr}]
-    trained = {id(p) for p in params}
-    bases = {id(p) for name, p in model.named_parameters() if id(p) in trained and name.endswith("_basis")}
+    bases = {id(p) for name, p in model.named_parameters() if name.endswith("_basis")}
     basis = [p for p in params if id(p) in bases]
     rest = [p for p in params if id(p) not in bases]
     groups = [{"params": rest, "lr": lr}, {"params": basis, "lr": lr * basis_lr_scale}]
