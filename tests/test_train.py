@@ -234,6 +234,24 @@ def test_ship_copies_the_last_stage_and_writes_a_card_of_every_stage(schedule, t
         ship([tmp_path], tmp_path / "none")
 
 
+def test_ship_takes_a_snapshot_of_a_stage_stopped_early_as_the_last_stage(schedule, tmp_path):
+    from hyperlora.train.ship import ship
+    from hyperlora.train.snapshot import snapshot
+
+    snap = snapshot(schedule / "stage3", 2, tmp_path / "run" / "snapshots" / "step-2")
+    run = snap.parents[1]  # a copy of stage 3's run folder without done.json: a stage that was stopped
+    for name in ("config.json", "log.jsonl", "val.jsonl"):
+        shutil.copy(schedule / "stage3" / name, run / name)
+    out = ship([schedule / "stage1", schedule / "stage2", snap], tmp_path / "shipped")
+    card = json.loads((out / "model_card.json").read_text())
+    assert [s["stage"] for s in card["stages"]] == [1, 2, 3] and card["stages"][-1]["snapshot"] == str(snap)
+    assert card["stages"][-1]["steps"] == 2 and card["stages"][-1]["seconds"] > 0
+    shipped, snapped = _state(out), _state(snap)
+    assert all(torch.equal(shipped[k], snapped[k]) for k in snapped)
+    with pytest.raises(ValueError, match="only be the last stage"):
+        ship([snap, schedule / "stage3"], tmp_path / "wrong")
+
+
 def test_the_pool_keeps_each_face_box_and_the_face_weights_weigh_inside_it(schedule):
     from hyperlora.toy.identity import split_identities
     from hyperlora.toy.render import render_sample

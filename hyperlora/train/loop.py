@@ -111,15 +111,17 @@ def _truncate_logs(out: Path, step: int) -> None:
             path.write_text("".join(line + "\n" for line in lines))
 
 
-def logged_seconds(out: str | Path) -> float:
-    """A stage's training seconds over every session that ran it: the sum of its log windows, each window's images
-    over its images/s (validation and checkpoints included; model loading not)."""
+def logged_seconds(out: str | Path, up_to: int | None = None) -> float:
+    """A stage's training seconds over every session that ran it (up to step `up_to`): the sum of its log windows,
+    each window's images over its images/s (validation and checkpoints included; model loading not)."""
     config = json.loads((Path(out) / "config.json").read_text())
     run = config["run"]
     per_step = run["batch_size"] * run["grad_accum"] * config.get("num_processes", 1)
     total, previous = 0.0, 0
     for text in (Path(out) / "log.jsonl").read_text().splitlines():
         line = json.loads(text)
+        if up_to is not None and line["step"] > up_to:
+            break
         total += (line["step"] - previous) * per_step / line["images_per_s"]
         previous = line["step"]
     return total

@@ -21,14 +21,29 @@ from ..checkpoint import load_checkpoint
 from .loop import DONE_FILE, logged_seconds
 
 CHECKPOINT = "hyperlora"  # the exported folder inside a stage's run folder
-EVAL_FIGURES = ("id_sim", "id_sim_std", "clip_t", "clip_i_fidelity", "adherence_mean", "lpips_diversity_mean",
-                "face_failure_rate", "n_images", "n_identities", "weights", "label")  # fmt: skip
+EVAL_FIGURES = ("id_sim", "id_sim_std", "trait_match", "clip_t", "clip_i_fidelity", "adherence_mean", "leakage_mean",
+                "lpips_diversity", "face_failure_rate", "n_images", "n_identities", "weights", "label")  # fmt: skip
+
+
+def snapshot_step(folder: Path) -> int | None:
+    """The step of a `hyperlora.train.snapshot` folder (RUN/snapshots/step-N), else None."""
+    config = folder / "config.json"
+    if (folder / DONE_FILE).is_file() or not config.is_file():
+        return None
+    record = json.loads(config.read_text())
+    return int(record["steps"]) if "snapshot_of" in record else None
 
 
 def stage_folders(paths: list[str | Path]) -> list[Path]:
-    """The stage run folders, in order: each given one, or the stage*/ folders of a schedule folder."""
+    """The stage run folders, in order: each given one, or the stage*/ folders of a schedule folder; the last may be
+    a snapshot folder."""
     folders = []
-    for path in map(Path, paths):
+    for index, path in enumerate(map(Path, paths)):
+        if snapshot_step(path) is not None:
+            if index != len(paths) - 1:
+                raise ValueError(f"{path}: a snapshot of an unfinished stage can only be the last stage shipped")
+            folders.append(path)
+            continue
         if (path / DONE_FILE).is_file():
             folders.append(path)
             continue
@@ -39,18 +54,26 @@ def stage_folders(paths: list[str | Path]) -> list[Path]:
     return folders
 
 
-def _last_json_line(path: Path) -> dict:
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+def _validation_at(path: Path, step: int | None) -> dict:
+    """The last line of val.jsonl at or before `step` (None: the last line)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    lines = [line for line in lines if step is None or line["step"] <= step]
+    return lines[-1] if lines else {}
 
 
 def stage_record(folder: Path) -> dict:
     """What the card says about one stage: its config, command, commit, steps, seconds, final validation."""
-    config = json.loads((folder / "config.json").read_text())
-    done = json.loads((folder / DONE_FILE).read_text())
-    return {"folder": str(folder), "stage": done["stage"], "steps": done["steps"],
-            "seconds": round(logged_seconds(folder), 1), "resumed_from_step": done["resumed_from_step"],
-            "final_validation": _last_json_line(folder / "val.jsonl"), "command": config.get("command"),
+    step = snapshot_step(folder)
+    if step is None:
+        run, done = folder, json.loads((folder / DONE_FILE).read_text())
+        record = {"stage": done["stage"], "steps": done["steps"], "resumed_from_step": done["resumed_from_step"]}
+    else:  # RUN/snapshots/step-N of a stage that was stopped (or is still training)
+        run = folder.parents[1]
+        record = {"stage": json.loads((folder / "config.json").read_text())["stage"], "steps": step,
+                  "resumed_from_step": None, "snapshot": str(folder)}  # fmt: skip
+    config = json.loads((run / "config.json").read_text())
+    return {"folder": str(run), **record, "seconds": round(logged_seconds(run, up_to=step), 1),
+            "final_validation": _validation_at(run / "val.jsonl", step), "command": config.get("command"),
             "git_commit": config.get("git_commit"), "config": config}  # fmt: skip
 
 
@@ -58,17 +81,21 @@ def eval_rows(folder: str | Path) -> dict:
     """The harness's summary.json rows (selected figures) by variant, and its label."""
     summary = json.loads((Path(folder) / "summary.json").read_text())
     rows = {row["variant"]: {k: row[k] for k in EVAL_FIGURES if k in row} for row in summary["rows"]}
-    return {"label": summary.get("label", ""), "rows": rows, "folder": str(folder)}
+    figures = {"label": summary.get("label", ""), "rows": rows, "folder": str(folder)}
+    if summary.get("control_gap"):  # own references minus the next person's, paired (eval.summary.paired_gap)
+        figures["control_gap"] = summary["control_gap"]
+    return figures
 
 
 def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | None = None, name: str = "toy HyperLoRA",
-         max_mb: float = 25.0, overwrite: bool = False) -> Path:  # fmt: skip
-    """Copy the last stage's checkpoint into `out` and write its model card; returns `out`."""
+         note: str = "", max_mb: float = 25.0, overwrite: bool = False) -> Path:  # fmt: skip
+    """Copy the last stage's checkpoint into `out` and write its model card (`note`: a sentence on the recipe, put
+    in its summary); returns `out`."""
     from ..toy.cards import folder_megabytes, write_model_card  # the card format every shipped model uses
 
     folders = stage_folders(stages)
     records = [stage_record(f) for f in folders]
-    source = folders[-1] / CHECKPOINT
+    source = folders[-1] if snapshot_step(folders[-1]) is not None else folders[-1] / CHECKPOINT
     load_checkpoint(source)  # a checkpoint that does not load is never shipped
     size = folder_megabytes(source)
     if size > max_mb:
@@ -87,6 +114,8 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
     summary = (f"A HyperLoRA hypernetwork trained by `hyperlora.train` ({stages_text}); the checkpoint is the official "
                "four-file format (plus the Base-LoRA resampler), fp16. Per-stage configs and commands: model_card.json "
                "`stages`.")  # fmt: skip
+    if note:
+        summary += f" {note}"
     if evaluation is not None and figures["evaluation"]["label"]:
         summary += f" Evaluation label: {figures['evaluation']['label']}"
     write_model_card(out, name=name, summary=summary, config=records[-1]["config"].get("stage", {}),
@@ -99,15 +128,17 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hyperlora.train.ship", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("stages", nargs="+", help="the stages' run folders in order, or one schedule folder")
+    parser.add_argument("stages", nargs="+", help="the stages' run folders in order, or one schedule folder; the "
+                        "last may be a snapshot (RUN/snapshots/step-N) of a stage stopped early")
     parser.add_argument("--out", required=True, help="the model folder to write (e.g. data/toy/hyperlora)")
     parser.add_argument("--eval", help="an eval.run output folder scoring this checkpoint (its summary.json)")
     parser.add_argument("--name", default="toy HyperLoRA")
+    parser.add_argument("--note", default="", help="a sentence on the recipe for the card's summary")
     parser.add_argument("--max-mb", type=float, default=25.0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        out = ship(args.stages, args.out, evaluation=args.eval, name=args.name, max_mb=args.max_mb,
+        out = ship(args.stages, args.out, evaluation=args.eval, name=args.name, note=args.note, max_mb=args.max_mb,
                    overwrite=args.overwrite)  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -3,7 +3,7 @@
 - data/toy/sdxl/: the base model (a StableDiffusionXLPipeline folder, DPM++ 2M Karras, v-prediction)
 - data/toy/clip/: the toy CLIP, the hypernetwork's image encoder (width 192)
 - data/toy/faces/: the toy detector + ArcFace (antelopev2's role, 128-d embeddings)
-- data/toy/hyperlora/: a trained HyperLoRA in the official layout; NOT shipped yet (`missing_checkpoint_message`)
+- data/toy/hyperlora/: the trained toy HyperLoRA in the official layout, with its model card (`shipped_checkpoint`)
 """
 
 from __future__ import annotations
@@ -25,9 +25,15 @@ class MissingCheckpointError(FileNotFoundError):
 
 
 def missing_checkpoint_message(folder: Path) -> str:
-    return (f"no trained toy HyperLoRA at {folder}: none is shipped yet. Train one with `{TRAIN_COMMAND}` "
+    return (f"no trained toy HyperLoRA at {folder} (the repository ships one there). Train one with `{TRAIN_COMMAND}` "
             "(the full toy schedule takes hours on a CPU), then pass --checkpoint runs/train/x/stage3/hyperlora "
             "(Python: checkpoint='runs/train/x/stage3/hyperlora')")  # fmt: skip
+
+
+def shipped_checkpoint() -> Path | None:
+    """data/toy/hyperlora when a trained HyperLoRA is shipped there (its hyper_lora_modules.json), else None: the
+    notebooks' default, falling back to a labelled UNTRAINED one where it is missing."""
+    return DEFAULT_CHECKPOINT if (DEFAULT_CHECKPOINT / "hyper_lora_modules.json").is_file() else None
 
 
 def toy_checkpoint(checkpoint: str | Path | None) -> Path:
