@@ -117,3 +117,30 @@ def test_fused_image_restores_the_base_model(pipe):
     assert np.array_equal(image(concept_terms(third, smiling, neutral, 0.0)), plain)
     assert not np.array_equal(image(concept_terms(third, smiling, neutral, 2.0)), plain)
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items()), "base weights restored"
+
+
+def _point(folder, name, a, b, t=(0.0, 0.5, 1.0)):
+    import json
+
+    (folder / name).mkdir(parents=True)
+    summary = {"untrained": False, "interpolation": {"t": list(t), "id_sim_a": a, "id_sim_b": b}}
+    (folder / name / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_interpolation_sweep_averages_pairs_and_refuses_what_is_not_notebook_8(tmp_path):
+    from eval.slider_sweep import interpolation_table, main
+
+    _point(tmp_path, "p1", [0.4, 0.2, 0.0], [0.0, 0.1, 0.2])
+    _point(tmp_path, "p2", [0.2, 0.2, 0.2], [0.2, 0.3, 0.6])
+    (tmp_path / "failed_point").mkdir()  # a failed point has no summary.json: skipped
+    table = interpolation_table(tmp_path)
+    assert table["pairs"] == ["p1", "p2"]
+    assert table["id_sim_a"] == pytest.approx([0.3, 0.2, 0.1]) and table["id_sim_b"] == pytest.approx([0.1, 0.2, 0.4])
+    assert table["id_sim_a_sem"][0] == pytest.approx(0.1)  # std 0.1414 over sqrt(2)
+    assert table["b_minus_a"] == pytest.approx([-0.2, 0.0, 0.3])
+    assert table["monotonic_a"] and table["monotonic_b"]
+    assert main([str(tmp_path), "--out", str(tmp_path / "f.png")]) == 0 and (tmp_path / "f.png").is_file()
+    _point(tmp_path, "p3", [0.1, 0.1], [0.1, 0.1], t=(0.0, 1.0))
+    with pytest.raises(ValueError, match="different t"):
+        interpolation_table(tmp_path)
+    assert main([str(tmp_path / "failed_point")]) == 2  # no summaries at all: a clear error, exit 2
