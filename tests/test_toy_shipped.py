@@ -113,3 +113,25 @@ def test_shipped_base_model_loads_with_plain_from_pretrained_and_generates():
     out = pipe("a portrait of a person wearing a red hoodie, in front of a plain blue wall", num_inference_steps=4,
                generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
     assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all() and out.images.std() > 0.05
+
+
+HYPERLORA = TOY / "hyperlora"
+
+
+@pytest.mark.skipif(not (HYPERLORA / "hyper_lora_modules.json").is_file(), reason="toy HyperLoRA not shipped")
+def test_the_shipped_hyperlora_loads_by_default_and_its_coefficients_tell_held_out_people_apart():
+    import json
+
+    from eval.coefficient_reid import reidentification
+    from hyperlora.pipeline import HyperLoRAPipeline
+
+    assert _folder_mb(HYPERLORA) <= 25.5, "a shipped toy HyperLoRA takes at most 25 MB (its card and README aside)"
+    card = json.loads((HYPERLORA / "model_card.json").read_text())
+    assert [s["stage"] for s in card["stages"]] == [1, 3] and card["figures"]["evaluation"]["control_gap"]["id_sim"]
+    pipe = HyperLoRAPipeline.from_pretrained("toy")  # no checkpoint given: the shipped one
+    assert pipe.hyperlora.config.has_base_lora and "UNTRAINED" not in pipe.label
+    result = reidentification(pipe, split_identities("test")[:6])  # new photos: looks 0-1 against 2-3
+    assert result["same_cosine"] > result["different_cosine"] + 0.03, result
+    assert result["top1"] >= 0.5, result["similarity"]  # chance: 1 of 6
+    with pytest.raises(ValueError, match="at least 2 people"):
+        reidentification(pipe, split_identities("test")[:1])
