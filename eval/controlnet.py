@@ -177,12 +177,16 @@ def summarize(records: list[dict], faces: dict, config: ControlEvalConfig, *, la
     """Both conditions' figures, the pose gain (control group minus ControlNet) and the labels."""
     conditions = {c: _condition([r for r in records if r["condition"] == c], faces) for c in ("without", "with")}
     with_, without = conditions["with"], conditions["without"]
-    floor = [c for c in conditions.values() if c["id_sim"] is not None and c["id_sim_next_person"] is not None
-             and c["id_sim"] - c["id_sim_next_person"] < FLOOR_MARGIN]  # fmt: skip
+    at_floor = {name: c["id_sim"] is not None and c["id_sim_next_person"] is not None
+                and c["id_sim"] - c["id_sim_next_person"] < FLOOR_MARGIN for name, c in conditions.items()}  # fmt: skip
+    floor = at_floor["without"]  # the HyperLoRA alone: does it carry identity at all?
     notes = []
     if floor:
         notes.append(f"ID similarity AT THE FLOOR (within {FLOOR_MARGIN} of the next person's references): this "
                      "HyperLoRA does not carry identity yet, so with vs without compares floors")  # fmt: skip
+    elif at_floor["with"]:
+        notes.append(f"identity above the floor without the ControlNet, AT THE FLOOR with it (within {FLOOR_MARGIN} "
+                     "of the next person's references): the control costs the identity")  # fmt: skip
     if config.smoke:
         notes.append("smoke size: plumbing only")
     card = Path(config.controlnet) / "model_card.json"
@@ -192,6 +196,7 @@ def summarize(records: list[dict], faces: dict, config: ControlEvalConfig, *, la
     return {
         "label": "; ".join([label, f"ControlNet {config.controlnet} ({trained} training steps)", *notes]),
         "identity_at_floor": bool(floor),
+        "identity_at_floor_with_controlnet": bool(at_floor["with"]),
         "config": dataclasses.asdict(config),
         "checkpoint": str(checkpoint),
         "command": [sys.executable, *sys.argv],

@@ -221,6 +221,11 @@ def test_the_measurement_says_when_identity_is_at_the_floor():
     assert carried["with_controlnet"]["keypoint_error_px"] == 0 and carried["keypoint_error_iod_gain"] == 0
     generic = summarize(records(np.eye(4)[2]), faces, ControlEvalConfig(controlnet="none"), label="x", checkpoint="c")
     assert generic["identity_at_floor"] and "AT THE FLOOR" in generic["label"]
+    lost = records(me)
+    lost[1]["embedding"] = np.eye(4)[2]  # the person without the ControlNet, nobody with it
+    lost = summarize(lost, faces, ControlEvalConfig(controlnet="none"), label="x", checkpoint="c")
+    assert not lost["identity_at_floor"] and lost["identity_at_floor_with_controlnet"]
+    assert "AT THE FLOOR with it" in lost["label"] and "does not carry identity" not in lost["label"]
 
 
 def test_the_shipped_controlnet_steers_the_shipped_unet_and_stays_small():
