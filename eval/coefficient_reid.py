@@ -20,12 +20,13 @@ import torch
 @torch.no_grad()
 def coefficient_matrix(pipe, identities: list[int], looks: list[int], seed: int = 7) -> torch.Tensor:
     """[people, Q * K] unit ID coefficients, one row per person, from the renders `looks` of each."""
+    from hyperlora.coefficient_tune import id_coefficients
     from hyperlora.toy.render import render_sample
 
     rows = []
     for identity in identities:
         images = [render_sample(identity, k, seed=seed).image for k in looks]
-        tokens = pipe.hyperlora.coefficients(**pipe.conditioner(images).generate_kwargs())["id"]
+        tokens = id_coefficients(pipe.hyperlora, pipe.conditioner(images))
         rows.append(torch.nn.functional.normalize(tokens.flatten().float(), dim=0))
     return torch.stack(rows)
 
