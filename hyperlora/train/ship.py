@@ -95,7 +95,7 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
 
     folders = stage_folders(stages)
     records = [stage_record(f) for f in folders]
-    source = folders[-1] if snapshot_step(folders[-1]) is not None else folders[-1] / CHECKPOINT
+    source = Path(records[-1].get("snapshot") or folders[-1] / CHECKPOINT)  # a snapshot is the checkpoint itself
     load_checkpoint(source)  # a checkpoint that does not load is never shipped
     size = folder_megabytes(source)
     if size > max_mb:
