@@ -155,7 +155,15 @@ def slider_demo(render: Callable[..., object], *, size: int = 256, **sliders: tu
     import ipywidgets as widgets
 
     controls = {
-        name: widgets.FloatSlider(min=lo, max=hi, step=step, value=start, description=name, continuous_update=False)
+        name: widgets.FloatSlider(
+            min=lo,
+            max=hi,
+            step=step,
+            value=start,
+            description=name,
+            continuous_update=False,
+            style={"description_width": "initial"},  # the whole name ("base_weight"), not "base_wei..."
+        )
         for name, (lo, hi, step, start) in sliders.items()
     }
     image = widgets.Image(format="png", width=size, height=size)
