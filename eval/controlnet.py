@@ -54,7 +54,7 @@ class ControlEvalConfig:
     num_references: int = 2  # reference renders per person
     prompt: str = "a portrait of a person"  # the trigger words are put in front
     steps: int = 20  # DPM++ 2M Karras steps (the toy world's default)
-    id_scale: float = 0.85  # ID-LoRA weight
+    id_scale: float | None = None  # ID-LoRA weight; None: the checkpoint's measured one, else the release's 0.85
     conditioning_scale: float = 1.0  # controlnet_conditioning_scale
     det_threshold: float = 0.5  # toy face detector score threshold
     seed: int = 0  # reference renders, controls and generators derive from it
@@ -113,6 +113,8 @@ def measure_control(config: ControlEvalConfig, out_dir: str | Path, *, progress:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe, controlled, analyzer, checkpoint = load_parts(config, out)
+    if config.id_scale is None:  # recorded as the number used
+        config = dataclasses.replace(config, id_scale=pipe.id_weight)
     people = [int(i) for i in split_identities("test")[: config.num_people]]
     poses = split_identities("val")
     references = {i: [render_sample(i, k, config.seed).image for k in range(config.num_references)] for i in people}
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if field.type == "bool":
             parser.add_argument(flag, dest=field.name, action="store_true", default=None)
         else:
-            kind = {"int": int, "float": float}.get(field.type, str)
+            kind = {"int": int, "float": float, "float | None": float}.get(field.type, str)
             parser.add_argument(flag, dest=field.name, type=kind, default=None, help=f"default: {field.default!r}")
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ControlEvalConfig)

@@ -72,7 +72,9 @@ class EvalConfig:
     steps: int = 20  # sampling steps (DPM++ 2M Karras)
     guidance: float = 5.0  # classifier-free guidance; HyperLoRA's usable range is 3-7
     size: int = 64  # image side in px; toy: 64. sdxl: 64 (left at default) means the pipeline's own size (1024)
-    id_scale: float = 0.85  # ID-LoRA scale at personalisation
+    id_scale: float | None = None  # ID-LoRA scale at personalisation; None: the checkpoint's measured weight (its
+    # config.json `id_weight`, hyperlora.checkpoint.recommended_id_weight), else the release's 0.85. Resolved at once,
+    # so config.json records the number used
     base_scale: float = 0.0  # Base-LoRA scale (0: ID only, as the release)
     toy_dir: str = "data/toy"  # toy models: clip/ faces/ sdxl/ (python -m hyperlora.toy build)
     sdxl_path: str = ""  # sdxl world: diffusers SDXL pipeline folder (StableDiffusionXLPipeline.from_pretrained)
@@ -96,6 +98,12 @@ class EvalConfig:
     # weights train in float32 whatever this is
     seed: int = 0  # evaluation seed: references and generators derive from it
     smoke: bool = False  # tiny sizes; marks every figure as plumbing
+
+    def __post_init__(self):
+        if self.id_scale is None:
+            from hyperlora.checkpoint import recommended_id_weight
+
+            self.id_scale = recommended_id_weight(self.checkpoint or None)
 
     @property
     def torch_dtype(self) -> torch.dtype:

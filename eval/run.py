@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
         if field.type == "bool":
             p.add_argument(*flags, dest=field.name, action="store_true", default=None)
         else:
-            kind = {"int": int, "float": float}.get(field.type, str)
+            kind = {"int": int, "float": float, "float | None": float}.get(field.type, str)
             p.add_argument(*flags, dest=field.name, type=kind, default=None, help=f"default: {field.default!r}")
     return p
 

@@ -6,7 +6,8 @@ A checkpoint folder (e.g. `sdxl_hyper_id_lora_v1_fidelity/`) holds
     resampler.safetensors           the ID resampler
     id_projector.safetensors        `0.weight`, `0.bias`, `2.weight`, `2.bias`
     base_resampler.safetensors      only with a Base-LoRA (not in the release)
-    config.json                     ours only: the HyperLoRAConfig; official folders are inferred
+    config.json                     ours only: the HyperLoRAConfig (official folders are inferred) and, where
+                                    measured, the ID-LoRA weight to use it at (`recommended_id_weight`)
 Module order is taken from the JSON, never assumed; names may be diffusers-path or ldm-path
 kohya names. Every mismatch raises `CheckpointError` naming the file, key and both shapes.
 """
@@ -33,6 +34,7 @@ PARTS = {  # file stem -> attribute of HyperLoRA
     "base_resampler": "base_resampler",
 }
 RELEASE_DIM_HEAD = 64  # heads are not recoverable from shapes; the release uses 12 x 64
+RELEASE_ID_WEIGHT = 0.85  # the ID-LoRA weight the release recommends (its README: 0.75-0.85)
 
 
 class CheckpointError(ValueError):
@@ -59,6 +61,18 @@ def save_checkpoint(model: HyperLoRA, folder: str | Path, *, dtype: torch.dtype 
     config = {"hyperlora_config": model.config.to_dict(), **(extra or {})}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def recommended_id_weight(folder: str | Path | None) -> float:
+    """The ID-LoRA weight to use a checkpoint at: config.json's `id_weight`, which `hyperlora.train.ship` writes with
+    the evaluation that measured it, else the release's 0.85 (official folders have no config.json)."""
+    path = Path(folder) / "config.json" if folder else None
+    if path is None or not path.is_file():
+        return RELEASE_ID_WEIGHT
+    weight = json.loads(path.read_text()).get("id_weight", RELEASE_ID_WEIGHT)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+        raise CheckpointError(f"{path}: id_weight must be a positive number, got {weight!r}")
+    return float(weight)
 
 
 # --- loading ----------------------------------------------------------------------------------

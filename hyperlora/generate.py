@@ -46,7 +46,8 @@ class WorldOptions:
     insightface_root: str = field(default="", metadata={"help": "sdxl: folder holding models/antelopev2/*.onnx"})
     face_backend: str = field(default="", metadata={"help": "face backend (toy: toy; sdxl: antelopev2, or dlib)"})
     pick: str = field(default="largest", metadata={"help": "the face of several: largest, best or an index"})
-    id_weight: float = field(default=0.85, metadata={"help": "ID-LoRA weight (the release recommends 0.75-0.85)"})
+    id_weight: float | None = field(default=None, metadata={
+        "help": "ID-LoRA weight (default: the checkpoint's measured one in its config.json, else the release's 0.85)"})
     base_weight: float = field(default=0.0, metadata={"help": "Base-LoRA weight (0: ID only, as the release)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 (GPU) or bfloat16"})
@@ -247,7 +248,7 @@ def _contact_sheet(pipe, config: GenerateConfig, boxes: list, images: list[dict]
     from .viz import contact_sheet
 
     rows = [[Image.open(folder / m["file"]) for m in images if m["prompt_index"] == p] for p in range(len(config.prompt))]  # fmt: skip
-    title = f"id weight {config.id_weight}" + ("  [UNTRAINED / stand-in weights]" if _is_plumbing(pipe.label) else "")
+    title = f"id weight {pipe.current.scales['id']:g}" + ("  [UNTRAINED / stand-in weights]" if _is_plumbing(pipe.label) else "")
     sheet = contact_sheet(
         [load_image(f) for f in config.face], boxes, rows, row_labels=list(config.prompt), title=title
     )
@@ -290,7 +291,7 @@ def _record(pipe, config: GenerateConfig, result, boxes, images, loras, loading_
         "label": pipe.label,
         "world": config.world,
         "checkpoint": {"path": config.checkpoint or None, "hyperlora_config": pipe.hyperlora.config.to_dict()},
-        "weights": {"id": config.id_weight, "base": config.base_weight},
+        "weights": {"id": result.scales["id"], "base": config.base_weight},
         "trigger_words": pipe.trigger_words,
         "prompts": prompts,
         "sampling": sampling,

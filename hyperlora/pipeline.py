@@ -1,7 +1,7 @@
 """The user-facing pipeline: photos -> a personalised SDXL pipeline, in either world.
 
     pipe = HyperLoRAPipeline.from_pretrained(world="toy", checkpoint="runs/train/x/stage3/hyperlora")
-    result = pipe.personalize(["me1.jpg", "me2.jpg"], id_scale=0.85)   # once per identity
+    result = pipe.personalize(["me1.jpg", "me2.jpg"])   # once per identity, at the checkpoint's ID weight
     image = pipe("a portrait of a person in a spacesuit").images[0]      # plain SDXL speed
     pipe.save_lora("me.safetensors")                                    # kohya, for ComfyUI / A1111
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import RELEASE_ID_WEIGHT
 from .conditioning.references import Conditioner, ReferenceFeatures
 from .export import save_lora
 from .hypernet import HyperLoRA
@@ -64,12 +65,15 @@ class HyperLoRAPipeline:
     """A diffusers SDXL pipeline plus the hypernetwork and conditioner that personalise it.
 
     `defaults` are keyword arguments every call gets unless it passes its own (a world's steps, guidance,
-    negative prompt and size: see `hyperlora.worlds.Sampling`).
+    negative prompt and size: see `hyperlora.worlds.Sampling`). `id_weight` is `personalize`'s default ID-LoRA
+    weight: the checkpoint's recommended one (`hyperlora.checkpoint.recommended_id_weight`).
     """
 
     def __init__(self, pipe, hyperlora: HyperLoRA, conditioner: Conditioner, *, defaults: dict | None = None,
-                 export_dtype: torch.dtype | None = EXPORT_DTYPE, label: str = ""):  # fmt: skip
+                 export_dtype: torch.dtype | None = EXPORT_DTYPE, label: str = "",
+                 id_weight: float = RELEASE_ID_WEIGHT):  # fmt: skip
         self.pipe, self.hyperlora, self.conditioner = pipe, hyperlora, conditioner
+        self.id_weight = id_weight
         self.defaults, self.export_dtype, self.label = dict(defaults or {}), export_dtype, label
         self.current: Personalization | None = None
         self.fusion = InPlaceFusion(pipe.unet)
@@ -104,7 +108,7 @@ class HyperLoRAPipeline:
             conditioner_options.setdefault("min_face_size", TOY_MIN_FACE_SIZE)
         conditioner = Conditioner(world_parts.analyzer, world_parts.clip, **conditioner_options)
         return cls(pipe, world_parts.hyperlora, conditioner, defaults=world_parts.sampling.call_kwargs(),
-                   label=world_parts.label)  # fmt: skip
+                   label=world_parts.label, id_weight=world_parts.id_weight)  # fmt: skip
 
     @property
     def trigger_words(self) -> str:
@@ -116,9 +120,11 @@ class HyperLoRAPipeline:
 
     @torch.no_grad()
     def personalize(
-        self, images, *, id_scale: float = 0.85, base_scale: float = 0.0, fuse: bool = True
+        self, images, *, id_scale: float | None = None, base_scale: float = 0.0, fuse: bool = True
     ) -> Personalization:
         """Photos of one person (paths, PIL images, numpy arrays, file bytes) -> LoRAs applied to the pipeline's UNet.
+
+        id_scale: the ID-LoRA weight; None: the checkpoint's recommended one (`self.id_weight`; the release's 0.85).
 
         Photos that cannot be used are skipped (`.skipped`: photo -> reason) and doubtful ones noted (`.warnings`),
         as the conditioner reports them; NoUsableReferenceError when none is usable.
@@ -140,6 +146,7 @@ class HyperLoRAPipeline:
             loras = {branch: _rounded(lora, self.export_dtype) for branch, lora in loras.items()}
         timings["hypernetwork"] = 1000 * (time.perf_counter() - start)
         start = time.perf_counter()
+        id_scale = self.id_weight if id_scale is None else id_scale
         scales = {"id": id_scale, "base": base_scale} if "base" in loras else {"id": id_scale}
         source_hash = hashlib.sha256("".join(features.hashes).encode()).hexdigest()
         self.apply(Personalization(loras, features, scales, timings, source_hash), fuse=fuse)

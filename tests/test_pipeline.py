@@ -79,6 +79,13 @@ def test_a_float16_checkpoint_takes_float32_features(personalized, tmp_path):
     assert result.loras["id"].batch_size == 1
 
 
+def test_personalize_defaults_to_the_pipelines_id_weight(personalized):
+    assert personalized.personalize([str(GRACE)]).scales["id"] == 0.85  # the release's, without a recorded one
+    measured = HyperLoRAPipeline(personalized.pipe, personalized.hyperlora, personalized.conditioner, id_weight=2.5)
+    assert measured.personalize([str(GRACE)]).scales["id"] == 2.5
+    assert measured.personalize([str(GRACE)], id_scale=1.0).scales["id"] == 1.0
+
+
 def test_a_controlnet_pipeline_is_personalised_and_restored(personalized):
     control = ControlNetModel.from_unet(personalized.pipe.unet, conditioning_embedding_out_channels=(16, 32))  # f = 2
     pipe = with_controlnet(personalized.pipe, control)

@@ -252,6 +252,29 @@ def test_ship_takes_a_snapshot_of_a_stage_stopped_early_as_the_last_stage(schedu
         ship([snap, schedule / "stage3"], tmp_path / "wrong")
 
 
+def test_ship_records_the_id_weight_its_evaluation_measured_and_every_default_uses_it(schedule, tmp_path):
+    from eval.protocol import EvalConfig
+    from hyperlora.checkpoint import RELEASE_ID_WEIGHT, CheckpointError, recommended_id_weight
+    from hyperlora.train.ship import ship
+
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "summary.json").write_text(json.dumps({"label": "", "rows": [{"variant": "hyperlora", "id_sim": 0.2}]}))
+    (evaluation / "config.json").write_text(json.dumps({"config": {"id_scale": 2.5}}))
+    assert recommended_id_weight(schedule / "stage3" / "hyperlora") == RELEASE_ID_WEIGHT  # none recorded
+    out = ship([schedule], tmp_path / "shipped", evaluation=evaluation)
+    assert recommended_id_weight(out) == 2.5 and "ID-LoRA weight 2.5" in (out / "README.md").read_text()
+    assert EvalConfig(checkpoint=str(out)).id_scale == 2.5 and EvalConfig(checkpoint=str(out), id_scale=1.0).id_scale == 1.0
+    assert EvalConfig().id_scale == RELEASE_ID_WEIGHT  # no checkpoint: the release's weight
+    load_checkpoint(out)  # the extra key does not disturb loading
+    with pytest.raises(ValueError, match="measured at ID weight 2.5"):
+        ship([schedule], tmp_path / "mismatch", evaluation=evaluation, id_weight=0.85)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"id_weight": "high"}))
+    with pytest.raises(CheckpointError, match="id_weight must be a positive number"):
+        recommended_id_weight(out)
+
+
 def test_the_pool_keeps_each_face_box_and_the_face_weights_weigh_inside_it(schedule):
     from hyperlora.toy.identity import split_identities
     from hyperlora.toy.render import render_sample

@@ -87,13 +87,29 @@ def eval_rows(folder: str | Path) -> dict:
     return figures
 
 
+def _id_weight(evaluation: str | Path | None, id_weight: float | None) -> float | None:
+    """The ID-LoRA weight to record: the evaluation's (its figures were measured at it), which `id_weight` must
+    equal when both are given; without an evaluation, `id_weight` as given (None: none recorded)."""
+    if evaluation is None:
+        return id_weight
+    measured = json.loads((Path(evaluation) / "config.json").read_text())["config"]["id_scale"]
+    if id_weight is not None and abs(id_weight - measured) > 1e-9:
+        raise ValueError(f"--id-weight {id_weight}: the evaluation {evaluation} was measured at ID weight {measured}; "
+                         "ship the weight its figures hold, or evaluate at this one (eval.run --id-scale)")  # fmt: skip
+    return float(measured)
+
+
 def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | None = None, name: str = "toy HyperLoRA",
-         note: str = "", max_mb: float = 25.0, overwrite: bool = False) -> Path:  # fmt: skip
+         note: str = "", id_weight: float | None = None, max_mb: float = 25.0, overwrite: bool = False) -> Path:  # fmt: skip
     """Copy the last stage's checkpoint into `out` and write its model card (`note`: a sentence on the recipe, put
-    in its summary); returns `out`."""
+    in its summary); returns `out`. `id_weight` (default: the evaluation's) goes into config.json as the weight
+    `generate`, the pipeline and the harness use the checkpoint at (`hyperlora.checkpoint.recommended_id_weight`)."""
     from ..toy.cards import folder_megabytes, write_model_card  # the card format every shipped model uses
 
     folders = stage_folders(stages)
+    id_weight = _id_weight(evaluation, id_weight)
+    if id_weight is not None and id_weight <= 0:
+        raise ValueError(f"id_weight {id_weight}: the ID-LoRA weight must be positive")
     records = [stage_record(f) for f in folders]
     source = Path(records[-1].get("snapshot") or folders[-1] / CHECKPOINT)  # a snapshot is the checkpoint itself
     load_checkpoint(source)  # a checkpoint that does not load is never shipped
@@ -106,6 +122,9 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
             raise FileExistsError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
         shutil.rmtree(out)
     shutil.copytree(source, out)
+    if id_weight is not None:
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps(config | {"id_weight": id_weight}, indent=2) + "\n")
     figures = {"stages": [{k: r[k] for k in ("stage", "steps", "seconds", "resumed_from_step")}
                           | {k: v for k, v in r["final_validation"].items() if k != "step"} for r in records]}  # fmt: skip
     if evaluation is not None:
@@ -114,6 +133,8 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
     summary = (f"A HyperLoRA hypernetwork trained by `hyperlora.train` ({stages_text}); the checkpoint is the official "
                "four-file format (plus the Base-LoRA resampler), fp16. Per-stage configs and commands: model_card.json "
                "`stages`.")  # fmt: skip
+    if id_weight is not None:
+        summary += f" Use it at ID-LoRA weight {id_weight:g} (config.json `id_weight`, the default of generate and eval.run)."
     if note:
         summary += f" {note}"
     if evaluation is not None and figures["evaluation"]["label"]:
@@ -134,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", help="an eval.run output folder scoring this checkpoint (its summary.json)")
     parser.add_argument("--name", default="toy HyperLoRA")
     parser.add_argument("--note", default="", help="a sentence on the recipe for the card's summary")
+    parser.add_argument("--id-weight", type=float, help="the ID-LoRA weight to use it at (default: the --eval run's)")
     parser.add_argument("--max-mb", type=float, default=25.0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        out = ship(args.stages, args.out, evaluation=args.eval, name=args.name, note=args.note, max_mb=args.max_mb,
-                   overwrite=args.overwrite)  # fmt: skip
+        out = ship(args.stages, args.out, evaluation=args.eval, name=args.name, note=args.note,
+                   id_weight=args.id_weight, max_mb=args.max_mb, overwrite=args.overwrite)  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ class World:
     sampling: Sampling
     checkpoint: Path
     label: str  # what the weights are, said loudly when they are stand-ins or untrained
+    id_weight: float = 0.85  # the checkpoint's recommended ID-LoRA weight (`recommended_id_weight`)
 
 
 def checkpoint_note(folder: Path) -> str:
@@ -65,7 +66,7 @@ def load_world(world: str = "toy", *, checkpoint=None, pipeline=None, clip=None,
     toy: everything defaults to data/toy (the checkpoint to data/toy/hyperlora, which must exist);
     sdxl: `pipeline`, `clip` and `checkpoint` are required, and `insightface_root` for antelopev2.
     """
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint, recommended_id_weight
 
     if world == "toy":
         from .toy import TOY_SAMPLING, load_toy_parts, toy_checkpoint
@@ -93,4 +94,4 @@ def load_world(world: str = "toy", *, checkpoint=None, pipeline=None, clip=None,
     model = load_checkpoint(folder, unet=pipe.unet, dtype=dtype, device=device).eval()
     note = checkpoint_note(folder)
     label += f"; HyperLoRA {folder}" + (f" ({note})" if note else "")
-    return World(world, pipe, encoder, analyzer, model, sampling, folder, label)
+    return World(world, pipe, encoder, analyzer, model, sampling, folder, label, recommended_id_weight(folder))
