@@ -130,6 +130,7 @@ def test_the_shipped_hyperlora_loads_by_default_and_its_coefficients_tell_held_o
     assert [s["stage"] for s in card["stages"]] == [1, 3] and card["figures"]["evaluation"]["control_gap"]["id_sim"]
     pipe = HyperLoRAPipeline.from_pretrained("toy")  # no checkpoint given: the shipped one
     assert pipe.hyperlora.config.has_base_lora and "UNTRAINED" not in pipe.label
+    assert pipe.id_weight == card["figures"]["evaluation"]["id_scale"], "the default ID weight is the card's"
     result = reidentification(pipe, split_identities("test")[:6])  # new photos: looks 0-1 against 2-3
     assert result["same_cosine"] > result["different_cosine"] + 0.03, result
     assert result["top1"] >= 0.5, result["similarity"]  # chance: 1 of 6

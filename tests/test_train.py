@@ -263,7 +263,8 @@ def test_ship_records_the_id_weight_its_evaluation_measured_and_every_default_us
     (evaluation / "config.json").write_text(json.dumps({"config": {"id_scale": 2.5}}))
     assert recommended_id_weight(schedule / "stage3" / "hyperlora") == RELEASE_ID_WEIGHT  # none recorded
     out = ship([schedule], tmp_path / "shipped", evaluation=evaluation)
-    assert recommended_id_weight(out) == 2.5 and "ID-LoRA weight 2.5" in (out / "README.md").read_text()
+    assert recommended_id_weight(out) == 2.5 and "ID-LoRA weight 2.5 " in (out / "README.md").read_text()
+    assert json.loads((out / "model_card.json").read_text())["figures"]["evaluation"]["id_scale"] == 2.5
     assert EvalConfig(checkpoint=str(out)).id_scale == 2.5 and EvalConfig(checkpoint=str(out), id_scale=1.0).id_scale == 1.0
     assert EvalConfig().id_scale == RELEASE_ID_WEIGHT  # no checkpoint: the release's weight
     load_checkpoint(out)  # the extra key does not disturb loading

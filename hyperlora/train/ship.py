@@ -82,6 +82,9 @@ def eval_rows(folder: str | Path) -> dict:
     summary = json.loads((Path(folder) / "summary.json").read_text())
     rows = {row["variant"]: {k: row[k] for k in EVAL_FIGURES if k in row} for row in summary["rows"]}
     figures = {"label": summary.get("label", ""), "rows": rows, "folder": str(folder)}
+    config = Path(folder) / "config.json"
+    if config.is_file():  # the ID-LoRA weight its figures were measured at
+        figures["id_scale"] = json.loads(config.read_text())["config"]["id_scale"]
     if summary.get("control_gap"):  # own references minus the next person's, paired (eval.summary.paired_gap)
         figures["control_gap"] = summary["control_gap"]
     return figures
@@ -134,14 +137,15 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
                "four-file format (plus the Base-LoRA resampler), fp16. Per-stage configs and commands: model_card.json "
                "`stages`.")  # fmt: skip
     if id_weight is not None:
-        summary += f" Use it at ID-LoRA weight {id_weight:g} (config.json `id_weight`, the default of generate and eval.run)."
+        summary += f" Use it at ID-LoRA weight {id_weight:g} (config.json `id_weight`: generate's and eval.run's default)."
     if note:
         summary += f" {note}"
     if evaluation is not None and figures["evaluation"]["label"]:
         summary += f" Evaluation label: {figures['evaluation']['label']}"
     write_model_card(out, name=name, summary=summary, config=records[-1]["config"].get("stage", {}),
                      train_seconds=sum(r["seconds"] for r in records), figures=figures,
-                     command=[sys.executable, "-m", "hyperlora.train.ship", *map(str, stages), "--out", str(out)],
+                     command=[sys.executable, "-m", "hyperlora.train.ship", *map(str, stages), "--out", str(out),
+                              *(["--eval", str(evaluation)] if evaluation is not None else [])],
                      extra={"stages": records})  # fmt: skip
     return out
 
