@@ -94,8 +94,11 @@ def write_model_card(
     gates: dict[str, bool] | None = None,
     command: list[str] | None = None,
     extra: dict | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Write model_card.json and README.md into `folder`; returns the JSON path.
+
+    `threads`: the torch threads the model trained with, where that was another process (default: this one's).
 
     `figures` are the evaluation's numbers (nested dicts allowed), `gates` the named pass/fail
     checks, `command` the command line (defaults to this process's `sys.argv`).
@@ -117,7 +120,7 @@ def write_model_card(
         "weights_mb": round(folder_megabytes(folder), 3),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(),
+                        "threads": threads or torch.get_num_threads(),
                         **({"thread_changes": list(THREAD_CHANGES)} if THREAD_CHANGES else {})},  # fmt: skip
         **(extra or {}),
     }

@@ -146,7 +146,8 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
                      train_seconds=sum(r["seconds"] for r in records), figures=figures,
                      command=[sys.executable, "-m", "hyperlora.train.ship", *map(str, stages), "--out", str(out),
                               *(["--eval", str(evaluation)] if evaluation is not None else [])],
-                     extra={"stages": records})  # fmt: skip
+                     extra={"stages": records},
+                     threads=max(r["config"].get("run", {}).get("threads", 0) for r in records) or None)  # fmt: skip
     return out
 
 
