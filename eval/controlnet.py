@@ -56,6 +56,8 @@ class ControlEvalConfig:
     steps: int = 20  # DPM++ 2M Karras steps (the toy world's default)
     id_scale: float | None = None  # ID-LoRA weight; None: the checkpoint's measured one, else the release's 0.85
     conditioning_scale: float = 1.0  # controlnet_conditioning_scale
+    pose_source: str = "other"  # whose renders the pose maps come from: "other" ('val' people: another face's
+    # proportions too) or "own" (new renders of the person, looks after the references': only the pose differs)
     det_threshold: float = 0.5  # toy face detector score threshold
     seed: int = 0  # reference renders, controls and generators derive from it
     smoke: bool = False  # tiny sizes; the figures check plumbing only
@@ -110,6 +112,8 @@ def measure_control(config: ControlEvalConfig, out_dir: str | Path, *, progress:
     """Run the measurement (module docstring); writes and returns the summary."""
     from hyperlora.toy.controlnet import pose_map
 
+    if config.pose_source not in ("other", "own"):
+        raise ValueError(f"pose_source must be 'other' or 'own', got {config.pose_source!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe, controlled, analyzer, checkpoint = load_parts(config, out)
@@ -125,7 +129,10 @@ def measure_control(config: ControlEvalConfig, out_dir: str | Path, *, progress:
     for p, identity in enumerate(people):
         pipe.personalize(references[identity], id_scale=config.id_scale)
         for s in range(config.seeds_per_person):
-            pose = render_sample(int(poses[(p * config.seeds_per_person + s) % len(poses)]), 0, config.seed)
+            if config.pose_source == "own":  # a look the references do not have
+                pose = render_sample(identity, config.num_references + s, config.seed)
+            else:
+                pose = render_sample(int(poses[(p * config.seeds_per_person + s) % len(poses)]), 0, config.seed)
             control = pose_map(pose.keypoints, pose.box, pose.image.shape[0])
             seed = eval_seed(config.seed, identity, s)
             images = {"without": pipe(config.prompt, generator=torch.Generator().manual_seed(seed), **sampling),

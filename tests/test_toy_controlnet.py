@@ -194,6 +194,17 @@ def test_the_controlnet_pipeline_runs_with_a_generated_lora_fused_and_follows_th
     assert np.abs(generate(controls[0]) - a).max() > 1e-3, "the generated LoRA reaches the ControlNet pipeline's UNet"
 
 
+def test_the_measurement_can_take_poses_from_the_persons_own_new_renders(tmp_path, trained):
+    from eval.controlnet import SMOKE, measure_control
+
+    config = ControlEvalConfig(controlnet=str(trained), pose_source="own", smoke=True, **SMOKE)
+    summary = measure_control(config, tmp_path / "own", progress=False)
+    assert summary["records"] and all(r["pose_of"] == r["person"] for r in summary["records"])
+    assert summary["config"]["pose_source"] == "own" and summary["config"]["id_scale"] == 0.85  # untrained: release's
+    with pytest.raises(ValueError, match="pose_source must be 'other' or 'own'"):
+        measure_control(ControlEvalConfig(controlnet=str(trained), pose_source="mine", **SMOKE), tmp_path / "bad")
+
+
 def test_keypoint_error_in_pixels_and_eye_distances_leaves_missed_faces_out():
     target = np.array([[0, 0], [10, 0], [5, 5], [2, 9], [8, 9]], dtype=float)
     result = keypoint_error([target + [3, 4], None, target], np.stack([target] * 3))
