@@ -56,7 +56,7 @@ def test_k_rank_people_and_cache_reach_the_configs(tmp_path):
     for c in configs.values():
         assert (c.model.hyper_dim, c.model.rank, c.run.num_identities) == (8, 16, 7)
         assert c.run.cache_dir == str(tmp_path / "c") and Path(c.run.pipeline).is_absolute()
-    smoke = configs_of(tmp_path, smoke=True, people=2)[2]
+    smoke = configs_of(tmp_path, smoke=True, people=2)[3]
     assert (smoke.run.num_identities, smoke.run.images_per_identity, smoke.run.batch_size) == (2, 2, 4)
 
 
@@ -107,6 +107,7 @@ def fake_training(monkeypatch):
 
     monkeypatch.setattr("hyperlora.train.loop.train_schedule", train_schedule)
     monkeypatch.setattr("eval.protocol.run_evaluation", run_evaluation)
+    monkeypatch.setattr("eval.ablation.reid_scores", lambda point, checkpoint: {"reid_top1": 0.25})
     return calls
 
 
@@ -123,6 +124,7 @@ def test_the_summary_has_the_settings_training_and_scores(tmp_path, fake_trainin
     assert summary["id_sim"] == 0.5 and summary["id_sim_other_refs"] == 0.2 and summary["id_sim_base"] == 0.1
     assert summary["id_sim_gap"] == pytest.approx(0.3) and summary["clip_t"] == 0.3 and summary["adherence"] == 0.7
     assert summary["label"].startswith("PLUMBING"), "the harness's label is carried"
+    assert summary["reid_top1"] == 0.25 and eval_config.id_scale == 2.5, "re-identification; the toy model's weight"
     expected = {"steps": 8, "seconds": 1.5, "resumed_from_step": 0, "train_groups": list(ID_GROUPS), "val_gap": 0.03,
                 "val_coefficient_cosine": 0.9}  # fmt: skip
     assert summary["train"]["3"] == expected, "the last validation line's figures"
@@ -160,7 +162,7 @@ def test_sweep_fills_the_grid_over_the_baseline(tmp_path, monkeypatch):
     )
     sweep({"rank": [4, 16], "seed": [0, 1]}, tmp_path, jobs=2, steps=5, smoke=True)
     assert got["grid"] == {"rank": ["4", "16"], "seed": ["0", "1"]} and got["jobs"] == 2
-    assert got["params"] == {"stages": "1+2+3", "hyper_dim": "32", "reference": "other", "steps": "5"}
+    assert got["params"] == {"stages": "1+3", "hyper_dim": "32", "reference": "other", "steps": "5"}
     assert "-m eval.ablation --quiet --out {out}" in got["command"] and got["command"].endswith(" --smoke")
     assert all(
         f"--{k.replace('_', '-')} {{{k}}}" in got["command"] for k in ("rank", "seed", "stages", "hyper_dim", "steps")
@@ -223,6 +225,7 @@ def test_a_smoke_point_from_scratch_trains_the_id_branch_and_resumes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["3"]["steps"] == 2 and summary["train"]["3"]["val_gap"] is not None
     assert all(summary[k] is not None for k in ("id_sim", "id_sim_other_refs", "id_sim_gap", "clip_t"))
+    assert summary["reid_chance"] == 0.5 and 0 <= summary["reid_top1"] <= 1, "smoke: 2 people re-identified"
     assert summary["label"].startswith("PLUMBING, NOT RESULTS"), "smoke: the harness labels it plumbing"
     model = load_checkpoint(out / "train" / "stage3" / "model")
     up = [p for n, p in model.named_parameters() if n.endswith("id_up_basis")]
