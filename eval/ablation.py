@@ -283,9 +283,10 @@ def sweep(grid: dict, out: str | Path, *, jobs: int = 1, timeout: float | None =
     unknown = (set(grid) | set(fixed)) - {f.name for f in dataclasses.fields(AblationPoint)}
     if unknown:
         raise ValueError(f"unknown ablation settings {sorted(unknown)}; settings: the fields of AblationPoint")
-    flags = "".join(f" --{k.replace('_', '-')} {{{k}}}" for k in [*grid, *fixed])
+    flags = "".join(f" --{k.replace('_', '-')} {{{k}}}" for k in [*grid, *fixed])  # --resume: an interrupted
+    # point continues from its last checkpoint when the sweep is run again (a fresh one starts from nothing)
     command = (
-        f"cd {shlex.quote(str(REPO_ROOT))} && {shlex.quote(sys.executable)} -m eval.ablation --quiet --out {{out}}"
+        f"cd {shlex.quote(str(REPO_ROOT))} && {shlex.quote(sys.executable)} -m eval.ablation --quiet --resume --out {{out}}"
     )
     command += flags + (" --smoke" if smoke else "")
     grid = {k: [str(v) for v in values] for k, values in grid.items()}

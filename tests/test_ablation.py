@@ -163,7 +163,7 @@ def test_sweep_fills_the_grid_over_the_baseline(tmp_path, monkeypatch):
     sweep({"rank": [4, 16], "seed": [0, 1]}, tmp_path, jobs=2, steps=5, smoke=True)
     assert got["grid"] == {"rank": ["4", "16"], "seed": ["0", "1"]} and got["jobs"] == 2
     assert got["params"] == {"stages": "1+3", "hyper_dim": "32", "reference": "other", "steps": "5"}
-    assert "-m eval.ablation --quiet --out {out}" in got["command"] and got["command"].endswith(" --smoke")
+    assert "-m eval.ablation --quiet --resume --out {out}" in got["command"] and got["command"].endswith(" --smoke")
     assert all(
         f"--{k.replace('_', '-')} {{{k}}}" in got["command"] for k in ("rank", "seed", "stages", "hyper_dim", "steps")
     )
