@@ -285,9 +285,8 @@ def sweep(grid: dict, out: str | Path, *, jobs: int = 1, timeout: float | None =
         raise ValueError(f"unknown ablation settings {sorted(unknown)}; settings: the fields of AblationPoint")
     flags = "".join(f" --{k.replace('_', '-')} {{{k}}}" for k in [*grid, *fixed])  # --resume: an interrupted
     # point continues from its last checkpoint when the sweep is run again (a fresh one starts from nothing)
-    command = (
-        f"cd {shlex.quote(str(REPO_ROOT))} && {shlex.quote(sys.executable)} -m eval.ablation --quiet --resume --out {{out}}"
-    )
+    python = shlex.quote(sys.executable)
+    command = f"cd {shlex.quote(str(REPO_ROOT))} && {python} -m eval.ablation --quiet --resume --out {{out}}"
     command += flags + (" --smoke" if smoke else "")
     grid = {k: [str(v) for v in values] for k, values in grid.items()}
     params = {k: str(v) for k, v in fixed.items()}
