@@ -40,6 +40,7 @@ async function waitIdle(page, label, timeoutS) {
     executablePath: await chromium.executablePath(),
     headless: true,
     defaultViewport: { width: 1200, height: 900 },
+    protocolTimeout: 600000, // a busy machine answers slowly
   });
   const page = await browser.newPage();
   await page.goto(`${base}/lab/tree/notebooks/08_sliders.ipynb`, { waitUntil: "networkidle2", timeout: 120000 });
@@ -53,7 +54,7 @@ async function waitIdle(page, label, timeoutS) {
   await page.evaluate(async () => {
     const app = window.jupyterapp;
     if (!app.shell.leftCollapsed) await app.commands.execute("application:toggle-left-area");
-    await app.commands.execute("notebook:run-all-cells");
+    void app.commands.execute("notebook:run-all-cells"); // resolves when every cell has run: waited for below
   });
   await sleep(5000);
   await waitIdle(page, "run all", 900);
