@@ -6,8 +6,8 @@ One point of the paper's ablations at a REDUCED training size, in the toy world:
 `base` (the base model on the same seeds, which the harness generates anyway: the floor).
 
     --stages 1,3     the shipped toy model's recipe (the default); "1,2,3": the paper's schedule; "2,3" or "3":
-                     without stage 1 (no Base-LoRA branch). "1,3" or "3": stage 3
-                     without stage 2, i.e. the ID-LoRA trained from scratch with ArcFace (every ID group
+                     without stage 1 (no Base-LoRA branch); "1,3" or "3": stage 3 without stage 2, i.e.
+                     the ID-LoRA trained from scratch with ArcFace (every ID group
                      trains, for the steps of stages 2 and 3 together, so both arms train the ID branch
                      equally long; at stage 3's learning rate). "+" separates stages too ("1+2+3": a sweep's
                      grid value keeps it whole).
@@ -283,9 +283,8 @@ def sweep(grid: dict, out: str | Path, *, jobs: int = 1, timeout: float | None =
     unknown = (set(grid) | set(fixed)) - {f.name for f in dataclasses.fields(AblationPoint)}
     if unknown:
         raise ValueError(f"unknown ablation settings {sorted(unknown)}; settings: the fields of AblationPoint")
-    flags = "".join(f" --{k.replace('_', '-')} {{{k}}}" for k in [*grid, *fixed])  # --resume: an interrupted
-    # point continues from its last checkpoint when the sweep is run again (a fresh one starts from nothing)
-    python = shlex.quote(sys.executable)
+    flags = "".join(f" --{k.replace('_', '-')} {{{k}}}" for k in [*grid, *fixed])
+    python = shlex.quote(sys.executable)  # --resume: a point interrupted in training continues from its checkpoint
     command = f"cd {shlex.quote(str(REPO_ROOT))} && {python} -m eval.ablation --quiet --resume --out {{out}}"
     command += flags + (" --smoke" if smoke else "")
     grid = {k: [str(v) for v in values] for k, values in grid.items()}
