@@ -284,12 +284,14 @@ def sweep(grid: dict, out: str | Path, *, jobs: int = 1, timeout: float | None =
     if unknown:
         raise ValueError(f"unknown ablation settings {sorted(unknown)}; settings: the fields of AblationPoint")
     flags = "".join(f" --{k.replace('_', '-')} {{{k}}}" for k in [*grid, *fixed])
-    python = shlex.quote(sys.executable)  # --resume: a point interrupted in training continues from its checkpoint
+    python = shlex.quote(sys.executable)
     command = f"cd {shlex.quote(str(REPO_ROOT))} && {python} -m eval.ablation --quiet --resume --out {{out}}"
     command += flags + (" --smoke" if smoke else "")
     grid = {k: [str(v) for v in values] for k, values in grid.items()}
     params = {k: str(v) for k, v in fixed.items()}
-    return run_sweep(command, grid, out, params=params, jobs=jobs, timeout=timeout, progress=progress)
+    return run_sweep(
+        command, grid, out, params=params, jobs=jobs, timeout=timeout, progress=progress, keep_unfinished=True
+    )  # with --resume: an interrupted point continues from its checkpoint
 
 
 def run_ablation(name: str, out: str | Path, *, seeds, **kwargs) -> list[dict]:

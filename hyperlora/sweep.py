@@ -137,13 +137,15 @@ def error_line(log: str) -> str:
     return lines[-1] if lines else ""
 
 
-def run_point(target: str, point: Point, params: dict[str, str], folder: Path, timeout: float | None) -> dict:
-    """Run one point in an empty `folder`; returns its status record (also written to status.json)."""
+def run_point(target: str, point: Point, params: dict[str, str], folder: Path, timeout: float | None,
+              keep_unfinished: bool = False) -> dict:  # fmt: skip
+    """Run one point in an empty `folder` (with `keep_unfinished`, in what an unfinished run left there, for a
+    command that resumes itself); returns its status record (also written to status.json)."""
     from .toy.cards import git_commit, git_dirty
 
-    if folder.exists():
+    if folder.exists() and not keep_unfinished:
         shutil.rmtree(folder)  # a point that did not finish starts again from nothing
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     command = command_for(target, point, params, folder)
     typed_params = {k: parse_value(v) for k, v in params.items()}
     if target.endswith(".ipynb"):
@@ -155,7 +157,7 @@ def run_point(target: str, point: Point, params: dict[str, str], folder: Path, t
               "command": command, "git_commit": git_commit(), "git_dirty": git_dirty()}  # fmt: skip
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     start = time.perf_counter()
-    with open(folder / LOG, "w") as log:
+    with open(folder / LOG, "a" if keep_unfinished else "w") as log:  # kept: every attempt's output
         process = subprocess.Popen(command, shell=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             returncode = process.wait(timeout=timeout)
@@ -212,8 +214,12 @@ def write_summary(out: Path, rows: list[dict]) -> None:
 
 
 def run_sweep(target: str, grid: dict[str, list[str]], out: str | Path, *, params: dict[str, str] | None = None,
-              jobs: int = 1, timeout: float | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
-    """Run every grid point not already done (see the module docstring); returns the summary rows."""
+              jobs: int = 1, timeout: float | None = None, progress: bool = True,
+              keep_unfinished: bool = False) -> list[dict]:  # fmt: skip
+    """Run every grid point not already done (see the module docstring); returns the summary rows.
+
+    keep_unfinished: a point that did not finish keeps its folder, so a command that resumes from it (such as
+    `eval.ablation --resume`) continues where it stopped; by default it starts again from nothing."""
     from tqdm.auto import tqdm
 
     from .toy.cards import git_commit
@@ -240,7 +246,7 @@ def run_sweep(target: str, grid: dict[str, list[str]], out: str | Path, *, param
     failed = 0
     with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc="sweep", unit="point",
                                                               disable=not progress) as bar:  # fmt: skip
-        futures = {pool.submit(run_point, target, p, params, out / p.name, timeout): p for p in todo}
+        futures = {pool.submit(run_point, target, p, params, out / p.name, timeout, keep_unfinished): p for p in todo}
         for future in as_completed(futures):
             status = future.result()
             failed += status["status"] == "failed"

@@ -62,6 +62,17 @@ def test_a_rerun_skips_the_points_that_are_done(command, tmp_path):
     assert "running" in log and "Traceback" not in log, "a rerun starts from an empty folder"
 
 
+def test_keep_unfinished_lets_a_resuming_command_continue_in_its_folder(tmp_path):
+    """A command that counts its attempts in its folder: kept, the second attempt sees the first's file."""
+    command = "echo {k} >> {out}/attempts && test $(wc -l < {out}/attempts) -ge 2"
+    out = tmp_path / "sweep"
+    for keep in (False, True):
+        first = run_sweep(command, {"k": [str(keep)]}, out, progress=False, keep_unfinished=keep)
+        again = run_sweep(command, {"k": [str(keep)]}, out, progress=False, keep_unfinished=keep)
+        assert first[0]["status"] == "failed", "one attempt is not enough"
+        assert again[0]["status"] == ("done" if keep else "failed"), "kept: the unfinished attempt's file stays"
+
+
 def test_a_notebook_sweep_injects_the_values_and_collects_one_row_per_point(tmp_path):
     notebook = nbformat.v4.new_notebook()
     parameters = nbformat.v4.new_code_cell('a = 1  # swept\nb = "x"  # fixed\nout_dir = ""')
