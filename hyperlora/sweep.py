@@ -13,7 +13,8 @@ Each point runs in its own folder under --out, named by its values (`lr=1e-4_see
     log.txt         the command's stdout and stderr (papermill: its log and the cells' output)
     status.json     done or failed, the error (the last line of the traceback), the exit status, seconds
     done            the marker written last on success: a rerun skips points that have it, and runs the
-                    others again from an empty folder
+                    others again from an empty folder (from Python, `run_sweep(..., keep_unfinished=True)` keeps
+                    what they left, for a command that resumes itself, as eval.ablation's sweeps do)
 and whatever the point writes, `summary.json` above all: its scalar entries (nested keys joined with ".")
 become columns of --out/summary.csv and summary.json, one row per point, beside point, the values, status, error
 and seconds. Points run in parallel, up to --jobs processes at a time; a failing point is recorded and the
