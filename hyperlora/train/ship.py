@@ -90,14 +90,16 @@ def eval_rows(folder: str | Path) -> dict:
     return figures
 
 
-def _id_weight(evaluation: str | Path | None, id_weight: float | None) -> float | None:
-    """The ID-LoRA weight to record: the evaluation's (its figures were measured at it), which `id_weight` must
-    equal when both are given; without an evaluation, `id_weight` as given (None: none recorded)."""
+def _id_weight(evaluation: dict | None, id_weight: float | None) -> float | None:
+    """The ID-LoRA weight to record: the evaluation's (`eval_rows`: its figures were measured at it), which
+    `id_weight` must equal when both are given; without an evaluation, `id_weight` as given (None: none recorded)."""
     if evaluation is None:
         return id_weight
-    measured = json.loads((Path(evaluation) / "config.json").read_text())["config"]["id_scale"]
+    if "id_scale" not in evaluation:
+        raise FileNotFoundError(f"{evaluation['folder']}: no config.json, so the ID weight it measured is unknown")
+    measured = evaluation["id_scale"]
     if id_weight is not None and abs(id_weight - measured) > 1e-9:
-        raise ValueError(f"--id-weight {id_weight}: the evaluation {evaluation} was measured at ID weight {measured}; "
+        raise ValueError(f"--id-weight {id_weight}: the evaluation {evaluation['folder']} was measured at ID weight {measured}; "
                          "ship the weight its figures hold, or evaluate at this one (eval.run --id-scale)")  # fmt: skip
     return float(measured)
 
@@ -110,7 +112,8 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
     from ..toy.cards import folder_megabytes, write_model_card  # the card format every shipped model uses
 
     folders = stage_folders(stages)
-    id_weight = _id_weight(evaluation, id_weight)
+    evaluation_figures = eval_rows(evaluation) if evaluation is not None else None
+    id_weight = _id_weight(evaluation_figures, id_weight)
     if id_weight is not None and id_weight <= 0:
         raise ValueError(f"id_weight {id_weight}: the ID-LoRA weight must be positive")
     records = [stage_record(f) for f in folders]
@@ -130,14 +133,14 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
         (out / "config.json").write_text(json.dumps(config | {"id_weight": id_weight}, indent=2) + "\n")
     figures = {"stages": [{k: r[k] for k in ("stage", "steps", "seconds", "resumed_from_step")}
                           | {k: v for k, v in r["final_validation"].items() if k != "step"} for r in records]}  # fmt: skip
-    if evaluation is not None:
-        figures["evaluation"] = eval_rows(evaluation)
+    if evaluation_figures is not None:
+        figures["evaluation"] = evaluation_figures
     stages_text = ", ".join(f"stage {r['stage']} {r['steps']:,} steps" for r in records)
     summary = (f"A HyperLoRA hypernetwork trained by `hyperlora.train` ({stages_text}); the checkpoint is the official "
                "four-file format (plus the Base-LoRA resampler), fp16. Per-stage configs and commands: model_card.json "
                "`stages`.")  # fmt: skip
     if id_weight is not None:
-        summary += f" Use it at ID-LoRA weight {id_weight:g} (config.json `id_weight`: generate's and eval.run's default)."
+        summary += f" Use it at ID-LoRA weight {id_weight:g} (config.json `id_weight`: generate's default)."
     if note:
         summary += f" {note}"
     if evaluation is not None and figures["evaluation"]["label"]:
