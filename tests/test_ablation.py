@@ -16,7 +16,8 @@ from eval.ablation import (
     stage_configs,
     sweep,
 )
-from eval.ablation_report import ablation_table, format_table, plot_ablation
+from eval.ablation_report import ablation_table, format_table, markdown_table, plot_ablation
+from eval.ablation_report import main as report_main
 from hyperlora.sweep import error_line
 
 STAGE3_GROUPS = ("id_basis", "resampler_core", "arcface_path")  # stage 3 after stage 2: CLIP path frozen
@@ -212,6 +213,35 @@ def test_the_table_puts_the_baseline_first_and_spreads_over_seeds(tmp_path):
     text = format_table("k", table).splitlines()
     assert len(text) == 4 and "0.6000 ± 0.1414" in text[1] and text[3].split()[:3] == ["128", "0", "2"]
     assert set(ABLATIONS) == {"k", "rank", "stage1", "stage3", "reference"}
+
+
+def _write_harness(point: Path, gap: float, sem: float, above: int, leakage: float):
+    (point / "eval").mkdir(parents=True)
+    rows = [{"variant": "hyperlora", "leakage_mean": leakage}, {"variant": "base", "leakage_mean": 0.5}]
+    control = {"id_sim": {"mean": gap, "sem": sem, "identities_above_zero": above, "n_identities": 8}}
+    (point / "eval" / "summary.json").write_text(json.dumps({"rows": rows, "control_gap": control, "timings": []}))
+
+
+def test_the_report_reads_the_paired_gap_and_survives_being_kept(tmp_path, capsys):
+    out = tmp_path / "runs"
+    _write_sweep(out / "baseline", [({"seed": 0}, figures(0.3, 0.1) | {"reid_top1": 0.25})])
+    _write_sweep(out / "stage1", [({"stages": "3", "seed": 0}, figures(0.2, 0.15)), ({"stages": "3", "seed": 1}, None)])
+    _write_harness(out / "baseline" / "seed=0", 0.2, 0.03, 7, 0.08)
+    _write_harness(out / "stage1" / "stages=3_seed=0", 0.05, 0.02, 5, 0.2)
+    base, without = ablation_table("stage1", out)
+    assert (base["id_sim_gap_sem_mean"], base["id_sim_gap_above_zero_mean"], base["leakage_mean"]) == (0.03, 7, 0.08)
+    assert (without["leakage_mean"], without["failed"], without["seeds"]) == (0.2, 1, [0])
+    assert "+0.200 ± 0.030 (7 above 0)" in markdown_table("stage1", [base, without]).splitlines()[4]
+    assert report_main([str(out), "--ablations", "stage1", "--keep", str(tmp_path / "kept")]) == 0
+    assert (out / "ablation_stage1.png").stat().st_size > 0 and "| **1+3** | 1 |" in (out / "ablations.md").read_text()
+    kept = sorted(str(f.relative_to(tmp_path / "kept")) for f in (tmp_path / "kept").rglob("*.json"))
+    assert kept == ["baseline/seed=0/eval/summary.json", "baseline/seed=0/summary.json", "baseline/summary.json",
+                    "stage1/stages=3_seed=0/eval/summary.json", "stage1/stages=3_seed=0/summary.json",
+                    "stage1/summary.json"]  # fmt: skip
+    assert ablation_table("stage1", tmp_path / "kept") == [base, without], "the kept copy draws the same table"
+    with pytest.raises(SystemExit):
+        report_main([str(out), "--ablations", "nope"])
+    assert "unknown ablations ['nope']" in capsys.readouterr().err
 
 
 def test_a_smoke_point_from_scratch_trains_the_id_branch_and_resumes(tmp_path):
