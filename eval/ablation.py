@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import shutil
 import sys
 import time
@@ -253,54 +252,6 @@ def run_point(point: AblationPoint, out: str | Path, *, resume: bool = False, pr
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(out / SUMMARY)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# The ablations (notebook 07): sweeps of points, their tables and figures
-
-# The baseline is the shipped toy model's recipe: stage 1, then the ID-LoRA from scratch with ArcFace ("1+3"); the
-# paper's CLIP-first schedule is an ablation, because the toy CLIP carries too little identity for stage 2 to learn
-# from (README, Training). K and rank: the toy preset's.
-BASELINE = {"stages": "1+3", "hyper_dim": 32, "rank": 8, "reference": "other"}
-ABLATIONS = {  # name -> (the point's field, its values besides the baseline's, what it compares)
-    "k": ("hyper_dim", (8, 128), "K, basis matrices per LoRA matrix"),
-    "rank": ("rank", (4, 16), "ID-LoRA rank"),
-    "stage1": ("stages", ("3",), "with stage 1 (Base-LoRA), or without it"),
-    "stage3": ("stages", ("1+2+3",), "the ID-LoRA from scratch with ArcFace, or stage 3 after a CLIP stage 2"),
-    "reference": ("reference", ("self",), "reference: another image of the person, or the target image itself"),
-}
-# The figures of a point's summary.json that the tables aggregate over seeds.
-FIGURES = ("id_sim", "id_sim_other_refs", "id_sim_gap", "id_sim_base", "clip_t", "adherence", "reid_top1")
-
-
-def sweep(grid: dict, out: str | Path, *, jobs: int = 1, timeout: float | None = None, progress: bool = True,
-          **settings) -> list[dict]:  # fmt: skip
-    """`hyperlora.sweep.run_sweep` of this CLI: `grid` (field -> values) over the baseline with `settings` fixed."""
-    from hyperlora.sweep import run_sweep
-
-    fixed = {k: v for k, v in {**BASELINE, **settings}.items() if k not in grid}
-    smoke = fixed.pop("smoke", False)
-    unknown = (set(grid) | set(fixed)) - {f.name for f in dataclasses.fields(AblationPoint)}
-    if unknown:
-        raise ValueError(f"unknown ablation settings {sorted(unknown)}; settings: the fields of AblationPoint")
-    flags = "".join(f" --{k.replace('_', '-')} {{{k}}}" for k in [*grid, *fixed])
-    python = shlex.quote(sys.executable)
-    command = f"cd {shlex.quote(str(REPO_ROOT))} && {python} -m eval.ablation --quiet --resume --out {{out}}"
-    command += flags + (" --smoke" if smoke else "")
-    grid = {k: [str(v) for v in values] for k, values in grid.items()}
-    params = {k: str(v) for k, v in fixed.items()}
-    return run_sweep(
-        command, grid, out, params=params, jobs=jobs, timeout=timeout, progress=progress, keep_unfinished=True
-    )  # with --resume: an interrupted point continues from its checkpoint
-
-
-def run_ablation(name: str, out: str | Path, *, seeds, **kwargs) -> list[dict]:
-    """One ablation's non-baseline values x seeds in out/name (the baseline's points: `sweep({"seed": seeds})`
-    in out/baseline, shared by every ablation)."""
-    if name not in ABLATIONS:
-        raise ValueError(f"unknown ablation {name!r}; ablations: {sorted(ABLATIONS)}")
-    key, values, _ = ABLATIONS[name]
-    return sweep({key: list(values), "seed": list(seeds)}, Path(out) / name, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .ablation import ABLATIONS, BASELINE, FIGURES, SUMMARY
+from .ablation import SUMMARY
+from .ablation_campaign import ABLATIONS, BASELINE, FIGURES
 
 # Read from each point's harness summary (eval/summary.json) besides its own: the paired gap own - next person's
 # (per person, over the same prompts and seeds) with its standard error over people, which gives a spread even for

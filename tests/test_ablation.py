@@ -6,16 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.ablation import (
-    ABLATIONS,
-    BASELINE,
-    ID_GROUPS,
-    AblationPoint,
-    main,
-    parse_stages,
-    stage_configs,
-    sweep,
-)
+from eval.ablation import ID_GROUPS, AblationPoint, main, parse_stages, stage_configs
+from eval.ablation_campaign import ABLATIONS, BASELINE, campaign, parse_values, run_ablation, sweep
 from eval.ablation_report import ablation_table, format_table, markdown_table, plot_ablation
 from eval.ablation_report import main as report_main
 from hyperlora.sweep import error_line
@@ -170,6 +162,27 @@ def test_sweep_fills_the_grid_over_the_baseline(tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match="unknown ablation settings"):
         sweep({"seed": [0]}, tmp_path, lr=1e-3)
+
+
+def test_a_campaign_runs_the_baseline_and_the_chosen_values_each_in_its_folder(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        "hyperlora.sweep.run_sweep", lambda command, grid, out, **kw: calls.append((Path(out).name, grid, kw)) or []
+    )
+    values = parse_values("k=8; stage1=3")
+    assert values == {"k": ["8"], "stage1": ["3"]}
+    rows = campaign(["k", "rank", "stage1"], tmp_path, seeds=[0, 1], jobs=2, values=values, steps=5)
+    assert set(rows) == {"baseline", "k", "rank", "stage1"}
+    grids = {name: grid for name, grid, _ in calls}
+    assert grids["baseline"] == {"seed": ["0", "1"]} and grids["k"] == {"hyper_dim": ["8"], "seed": ["0", "1"]}
+    assert grids["rank"] == {"rank": ["4", "16"], "seed": ["0", "1"]}, "an ablation without chosen values: all"
+    assert all(kw["jobs"] == 1 and kw["keep_unfinished"] for _, _, kw in calls), "jobs sweeps at once, a point each"
+    with pytest.raises(ValueError, match=r"values \['9'\] must be among \['8', '128'\]"):
+        run_ablation("k", tmp_path, seeds=[0], values=["9"])
+    with pytest.raises(ValueError, match="unknown ablations"):
+        campaign(["k"], tmp_path, seeds=[0], values={"depth": ["2"]})
+    with pytest.raises(ValueError, match="write ablation=value"):
+        parse_values("k")
 
 
 def _write_sweep(folder: Path, rows: list[tuple[dict, dict | None]]):
