@@ -102,6 +102,7 @@ def plot_ablation(name: str, table: list[dict], out_png: str | Path, *, note: st
             mean, low, high = (_series(table, figure, stat) for stat in ("mean", "min", "max"))
             ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt=style, capsize=4, label=label)
         ax.set_xticks(x, [_tick(t, key) for t in table])
+        ax.set_xlim(-0.5, len(table) - 0.5)  # every value's tick, also where nothing was measured
         ax.set_xlabel(key)
     gap, sem = _series(table, "id_sim_gap", "mean"), _series(table, "id_sim_gap_sem", "mean")
     if np.isfinite(sem).any():
@@ -113,7 +114,7 @@ def plot_ablation(name: str, table: list[dict], out_png: str | Path, *, note: st
     axes[1].set_ylabel("ID similarity gap")
     axes[1].axhline(0, color="grey", lw=0.8)
     axes[2].set_ylabel("top-1 (held-out people)")
-    axes[2].set_ylim(0, None)
+    axes[2].set_ylim(0, axes[2].get_ylim()[1] * 1.1)
     plumbing = any((t["label"] or "").startswith("PLUMBING") for t in table)  # the harness's label, on the figure
     fig.suptitle(("PLUMBING, NOT RESULTS: " if plumbing else "") + f"{what}{note}", fontsize=9)
     fig.tight_layout()
@@ -130,9 +131,10 @@ def format_table(name: str, table: list[dict]) -> str:
         mean, std = entry[f"{figure}_mean"], entry[f"{figure}_seed_std"]
         return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
 
-    lines = [f"{key:>10}{'seeds':>7}{'failed':>7}" + "".join(f"{f:>20}" for f in TABLE_FIGURES)]
+    widths = {f: max(20, len(f) + 2) for f in TABLE_FIGURES}
+    lines = [f"{key:>10}{'seeds':>7}{'failed':>7}" + "".join(f"{f:>{widths[f]}}" for f in TABLE_FIGURES)]
     for entry in table:
-        cells = "".join(f"{cell(entry, f):>20}" for f in TABLE_FIGURES)
+        cells = "".join(f"{cell(entry, f):>{widths[f]}}" for f in TABLE_FIGURES)
         lines.append(f"{entry[key]:>10}{len(entry['seeds']):>7}{entry['failed']:>7}{cells}")
     return "\n".join(lines)
 
