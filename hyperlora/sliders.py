@@ -5,7 +5,7 @@ Each slider position is a weighted sum of LoRAs, `Terms` = [(LoRAWeights, weight
 - ID and Base weights: [(id, w_id), (base, w_base)].
 - identity interpolation from person A to person B in coefficient space (`interpolate_coefficients`): each of the
   resampler's output tokens is interpolated and rescaled to the model's norm, then assembled by the usual path
-  (`HyperLoRA.assemble`); t = 0 and t = 1 give A's and B's LoRAs exactly.
+  (`HyperLoRA.assemble`); t = 0 and t = 1 give A's and B's coefficients exactly (their LoRAs up to float rounding).
 - concept slider from an image pair (`concept_terms`): the LoRA difference between two photos of one person that
   differ in one attribute, added with a weight to a third person's LoRA; weight 0 is that LoRA unchanged.
 

@@ -26,8 +26,11 @@ def people(model, n: int) -> list[dict]:
 
 
 def assert_same_lora(got, expected, message):
+    """Equal up to float rounding: the coefficients are equal bit for bit (tested), but a LoRA assembled in a batch of
+    three may round differently from one assembled alone (the CPU's matmul kernel depends on the batch)."""
     for path, (down, up) in expected.layers.items():
-        assert torch.equal(got.layers[path][0], down) and torch.equal(got.layers[path][1], up), f"{message}: {path}"
+        for tensor, want in ((got.layers[path][0], down), (got.layers[path][1], up)):
+            torch.testing.assert_close(tensor, want, rtol=1e-5, atol=1e-7, msg=f"{message}: {path}")
 
 
 def test_interpolation_endpoints_are_the_two_peoples_loras_exactly(unet):
