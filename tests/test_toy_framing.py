@@ -24,16 +24,16 @@ def test_set_framing_scales_the_face_and_refuses_non_positive(monkeypatch):
             framing.set_framing(bad)
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hyperlora.toy.framing", *args], capture_output=True, text=True)
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "hyperlora.toy.framing", *args]
+    return subprocess.run(command, check=False, capture_output=True, text=True, env=env)
 
 
 def test_cli_runs_the_module_with_the_framing(tmp_path):
     probe = tmp_path / "framing_probe.py"
     probe.write_text("import sys\nfrom hyperlora.toy import render\n"
                      "print(render.HEAD_SCALE, sys.argv[1:])\n")  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "hyperlora.toy.framing", "1.5", "framing_probe", "--x", "1"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})  # fmt: skip
+    out = run("1.5", "framing_probe", "--x", "1", env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     scale, args = out.stdout.split(" ", 1)
     assert float(scale) == pytest.approx(render.HEAD_SCALE * 1.5)
@@ -47,4 +47,3 @@ def test_cli_runs_the_module_with_the_framing(tmp_path):
 def test_cli_refuses_bad_input(args, message):
     out = run(*args)
     assert out.returncode != 0 and message in out.stderr
-
