@@ -8,6 +8,7 @@ beat a fine-tune of those linears at full rank; if that stays low, the base mode
     python -m eval.carry --train targets --steps 300,1000 --ids 0,2 --out runs/carry/targets
     python -m eval.carry --train lora --rank 4 --lr 1e-3 ...       # the harness's DreamBooth LoRA
     python -m eval.carry --train resnets --unet runs/unet_more/unet  # another UNet in the same toy pipeline
+    python -m eval.carry --train lora --varied-looks ...   # references in looks of their own, not one shared look
 
 `--train`: lora | targets (HyperLoRA's target linears, full rank) | attentions (whole transformer blocks)
 | resnets | all | any regex over UNet parameter names. Writes results.json and one grid per person
@@ -68,6 +69,16 @@ def score(world: ToyWorld, identity: dict, prompts, seeds_per_prompt: int) -> tu
     return per_prompt, images_out
 
 
+def varied_references(world: ToyWorld, identity: dict) -> np.ndarray:
+    """The person rendered in as many looks as it has references, each drawn at random: hair, clothing, glasses
+    and background differ, so a fine-tune can only bind the trigger word to what they share, the person."""
+    from hyperlora.toy.render import render, sample_look
+
+    seeds = [eval_seed(world.config.seed, identity["id"], 11, r) for r in range(len(identity["images"]))]
+    return np.stack([render(identity["id"], sample_look(np.random.default_rng(s)), world.config.size).image
+                     for s in seeds])  # fmt: skip
+
+
 def carry(config: EvalConfig, world: ToyWorld, index: int, args) -> list[dict]:
     """Fine-tune `args.train` on identity `index` and score it after each of `args.steps` cumulative steps."""
     from diffusers import DDPMScheduler
@@ -77,6 +88,8 @@ def carry(config: EvalConfig, world: ToyWorld, index: int, args) -> list[dict]:
     unet = world.pipe.unet
     original = {k: v.detach().clone() for k, v in unet.state_dict().items()} if args.train != "lora" else None
     identity = world.identity(index)
+    if args.varied_looks:  # train on the person in looks of their own (the judge keeps its references' face)
+        identity = {**identity, "images": varied_references(world, identity)}
     torch.manual_seed(eval_seed(config.seed, identity["id"], 1))
     params = trainable(unet, args.train, args.rank)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (--train lora)")
     parser.add_argument("--ids", default="0,2", help="indices into the held-out test identities")
     parser.add_argument("--num-references", type=int, default=8)
+    parser.add_argument("--varied-looks", action="store_true", help="train on references in looks of their own "
+                        "(toy world) instead of the harness's one shared look")  # fmt: skip
     parser.add_argument("--prompts", default="0,1,5,9", help="evaluation prompt indices (0: the neutral one)")
     parser.add_argument("--seeds-per-prompt", type=int, default=2)
     parser.add_argument("--unet", default="", help="a UNet folder to use in the toy pipeline instead of its own")

@@ -36,3 +36,20 @@ def test_report_pairs_people_pools_globs_and_keeps(tmp_path, capsys):
 def test_bad_arms_are_refused(spec, message):
     with pytest.raises(SystemExit, match=message):
         carry_report.main([spec])
+
+
+def test_varied_references_put_the_person_in_looks_of_their_own():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from eval.carry import varied_references
+    from hyperlora.toy.render import render, sample_look
+
+    world = SimpleNamespace(config=SimpleNamespace(seed=0, size=64))
+    shared = np.stack([render(1000000, sample_look(np.random.default_rng(0)), 64).image] * 4)
+    identity = {"id": 1000000, "images": shared}
+    varied = varied_references(world, identity)
+    assert varied.shape == shared.shape and np.array_equal(varied, varied_references(world, identity))
+    corners = varied[:, :4, :4].reshape(4, -1).astype(int)  # background pixels: one look each
+    assert len({tuple(c) for c in corners}) == 4
