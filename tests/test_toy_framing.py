@@ -19,7 +19,7 @@ def test_set_framing_scales_the_face_and_refuses_non_positive(monkeypatch):
     before = face_width()
     framing.set_framing(1.3)
     assert face_width() == pytest.approx(1.3 * before, rel=0.05)
-    for bad in (0.0, -1.0, float("nan")):
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="> 0"):
             framing.set_framing(bad)
 
@@ -43,6 +43,7 @@ def test_cli_runs_the_module_with_the_framing(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(("big", "eval.run"), "must be a number"),
                                            (("1.3", "no_such_module_here"), "no module"),
+                                           (("1.3", "no_such_package.module"), "no module"),
                                            (("0", "eval.run"), "> 0")])  # fmt: skip
 def test_cli_refuses_bad_input(args, message):
     out = run(*args)

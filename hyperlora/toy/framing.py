@@ -23,6 +23,7 @@ of a framed run are off their models' training distribution. README, "A larger f
 from __future__ import annotations
 
 import importlib.util
+import math
 import runpy
 import sys
 
@@ -33,8 +34,8 @@ USAGE = "usage: python -m hyperlora.toy.framing FACTOR MODULE [ARGS...]   (FACTO
 
 def set_framing(factor: float) -> float:
     """Scale every later render's head and body by `factor` (this process only); returns the new HEAD_SCALE."""
-    if not factor > 0:
-        raise ValueError(f"the framing factor must be > 0, got {factor}")
+    if not (factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"the framing factor must be > 0 and finite, got {factor}")
     render.HEAD_SCALE = render.HEAD_SCALE * factor
     return render.HEAD_SCALE
 
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise SystemExit(f"FACTOR must be a number, got {argv[0]!r}\n{USAGE}") from None
     module = argv[1]
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        found = False
+    if not found:
         raise SystemExit(f"no module {module!r} to run\n{USAGE}")
     try:
         scale = set_framing(factor)
