@@ -34,8 +34,9 @@ def load_arm(spec: str) -> tuple[str, list[dict], list[Path]]:
     return label, rows, folders
 
 
-def by_person(rows: list[dict], steps: int, key: str = "id_sim_all") -> dict[int, float]:
-    return {r["identity"]: r[key] for r in rows if r["steps"] == steps}
+def by_person(rows: list[dict], steps: int) -> dict[int, float]:
+    """Each person's ID similarity over all prompts after `steps`."""
+    return {r["identity"]: r["id_sim_all"] for r in rows if r["steps"] == steps}
 
 
 def step_counts(rows: list[dict]) -> list[int]:
