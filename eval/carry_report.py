@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .summary import paired_gap
+
 
 def load_arm(spec: str) -> tuple[str, list[dict], list[Path]]:
     """LABEL=FOLDER[glob] -> (label, the pooled rows, the folders)."""
@@ -58,16 +60,19 @@ def markdown(arms: list[tuple[str, list[dict]]]) -> str:
 
 
 def paired(arms: list[tuple[str, list[dict]]]) -> list[str]:
-    """Every arm against the first, per step count both have: mean difference ± SE over shared people."""
+    """Every arm against the first, per step count both have: `summary.paired_gap` over the people both scored."""
     (ref_label, ref), out = arms[0], []
     for label, rows in arms[1:]:
         for steps in sorted(set(step_counts(rows)) & set(step_counts(ref))):
-            a, b = by_person(rows, steps), by_person(ref, steps)
-            d = np.array([a[k] - b[k] for k in sorted(a) if k in b])
-            if len(d) == 0:
+            records = [{"variant": name, "identity": person, "prompt_index": 0, "seed_index": 0, "id_sim": value}
+                       for name, arm in ((label, rows), (ref_label, ref))
+                       for person, value in by_person(arm, steps).items()]  # fmt: skip
+            gap = paired_gap(records, label, ref_label, "id_sim")
+            if gap is None:
                 continue
-            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-            out.append(f"{label} - {ref_label} at {steps} steps: {d.mean():+.3f} ± {se:.3f} over {len(d)} people")
+            se = float("nan") if gap["sem"] is None else gap["sem"]
+            out.append(f"{label} - {ref_label} at {steps} steps: {gap['mean']:+.3f} ± {se:.3f} "
+                       f"over {gap['n_identities']} people")  # fmt: skip
     return out
 
 
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grids", action="store_true", help="with --keep, copy the grids too (about 0.5 MB a person)")
     args = parser.parse_args(argv)
     loaded = [load_arm(spec) for spec in args.arms]
+    labels = [label for label, _, _ in loaded]
+    if len(set(labels)) < len(labels):
+        raise SystemExit(f"arm labels must differ, got {labels}")
     arms = [(label, rows) for label, rows, _ in loaded]
     print(markdown(arms))
     for line in paired(arms):
