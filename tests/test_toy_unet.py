@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from hyperlora import find_targets
 from hyperlora.toy.build import Step, StepUnavailable, _trainer, selected_steps
@@ -19,8 +19,8 @@ from hyperlora.toy.pipeline import (
     MissingToyModel, assemble_pipeline, evaluate_base_model, load_toy_pipeline, mean_pairwise_cosine,
 )  # fmt: skip
 from hyperlora.toy.unet import (
-    LOSSES_FILE, TrainingCache, UNetTrainConfig, build_toy_unet, diffusion_loss, load_unet_train_config, sample_batch,
-    train_unet,
+    LOSSES_FILE, TrainingCache, UNetTrainConfig, build_toy_unet, diffusion_loss, load_init, load_unet_train_config,
+    sample_batch, train_unet,
 )  # fmt: skip
 
 # Three SDXL-layout levels, narrow: the smoke run takes seconds.
@@ -101,6 +101,30 @@ def test_unet_training_resumes_bit_for_bit_and_continues_from_a_trained_unet(tmp
     with pytest.raises(ValueError, match="differs from this config"):
         train_unet(UNetTrainConfig.smoke(**{**FAST, "block_out_channels": (32, 64, 64), "init_from": str(whole)}),
                    tmp_path / "wrong", progress=False)  # fmt: skip
+
+
+def test_a_deeper_unet_grows_from_a_trained_one_and_computes_what_it_did(unet_dir):
+    original = UNet2DConditionModel.from_pretrained(unet_dir)
+    config = original.config  # the pooled text joins six time ids in the added embedding's input
+    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    dims = dict(cross_attention_dim=config.cross_attention_dim, latent_channels=config.in_channels, pooled_dim=pooled_dim)
+    deeper = build_toy_unet(UNetTrainConfig.smoke(**{**FAST, "transformer_layers_per_block": (2, 2, 3)}), **dims)
+    added = load_init(deeper, unet_dir)
+    assert added and all(".transformer_blocks.1." in k or ".transformer_blocks.2." in k for k in added)
+    assert len(find_targets(deeper)) > len(find_targets(original))
+    # the added layers start as the identity: the same output as the trained UNet, to float rounding
+    torch.manual_seed(0)
+    sample, text = torch.randn(2, dims["latent_channels"], 16, 16), torch.randn(2, 5, dims["cross_attention_dim"])
+    added_cond = {"text_embeds": torch.randn(2, dims["pooled_dim"]), "time_ids": torch.zeros(2, 6)}
+    with torch.no_grad():
+        ours = deeper(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added_cond).sample
+        theirs = original(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added_cond).sample
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    # and they train: their zeroed output projections take a gradient
+    ours = deeper(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added_cond).sample
+    ours.square().mean().backward()
+    grown = dict(deeper.named_parameters())["down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_out.0.weight"]
+    assert grown.grad is not None and grown.grad.abs().sum() > 0
 
 
 def test_unknown_config_keys_raise():

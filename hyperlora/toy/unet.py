@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,8 +99,9 @@ class UNetTrainConfig:
     seed: int = 0  # global seed: init, batches, noise, caption dropout
     log_every: int = 50  # steps per loss-curve point and log line
     mixed_precision: str = "no"  # accelerate's setting: "no", "fp16", "bf16"
-    init_from: str = ""  # a trained UNet folder (same architecture) to continue from, with a fresh optimiser and
-    # schedule (a longer-trained UNet without redoing the first run); "": random initialisation
+    init_from: str = ""  # a trained UNet folder (same architecture, or fewer transformer layers per block: the added
+    # ones start as the identity, `load_init`) to continue from, with a fresh optimiser and schedule (a
+    # longer-trained or deeper UNet without redoing the first run); "": random initialisation
     checkpoint_every: int = 500  # steps between resumable checkpoints in <out>/checkpoints (0: none)
     keep_checkpoints: int = 2  # newest checkpoints kept
 
@@ -238,14 +240,33 @@ def training_state(unet: UNet2DConditionModel, config: UNetTrainConfig, accelera
     return unet, TrainState(accelerator, optimizer, schedule, ema, noise_scheduler, generator)
 
 
-def load_init(unet: UNet2DConditionModel, folder: str | Path) -> None:
-    """Copy a trained UNet's weights into `unet`; a different architecture raises, naming what differs."""
+_LAYER = re.compile(r"\.transformer_blocks\.(\d+)\.")
+_OUTPUT_PROJECTIONS = ("attn1.to_out.0.", "attn2.to_out.0.", "ff.net.2.")  # what each transformer layer adds
+
+
+def load_init(unet: UNet2DConditionModel, folder: str | Path) -> list[str]:
+    """Copy a trained UNet's weights into `unet`; a different architecture raises, naming what differs.
+
+    One difference is allowed, growth: more transformer layers per block than the trained UNet has
+    (`transformer_layers_per_block`). Each added layer starts as the identity, its attention and feed-forward
+    output projections zeroed (as ControlNet's zero convolutions), so the grown UNet computes exactly what the
+    trained one did and training goes on from there. Returns the added tensors' names."""
     trained = UNet2DConditionModel.from_pretrained(folder)
     ours, theirs = unet.state_dict(), trained.state_dict()
-    differ = sorted(set(ours) ^ set(theirs)) + [k for k in ours if k in theirs and ours[k].shape != theirs[k].shape]
+    first_layer = {k: _LAYER.sub(".transformer_blocks.0.", k) for k in ours if _LAYER.search(k)}
+    added = [k for k, first in first_layer.items() if k not in theirs and first in theirs]
+    differ = sorted((set(ours) - set(added)) ^ set(theirs))
+    differ += [k for k in ours if k in theirs and ours[k].shape != theirs[k].shape]
     if differ:
         raise ValueError(f"{folder}: its UNet differs from this config's in {len(differ)} tensors, e.g. {differ[:3]}")
-    unet.load_state_dict(theirs)
+    unet.load_state_dict(theirs, strict=False)
+    with torch.no_grad():
+        for name in added:
+            if any(part in name for part in _OUTPUT_PROJECTIONS):
+                ours[name].zero_()  # state_dict tensors share the parameters' storage
+    if added:
+        logger.info("grown from %s: %d tensors in added transformer layers, as the identity", folder, len(added))
+    return added
 
 
 def train_step(unet, cache: TrainingCache, state: TrainState, config: UNetTrainConfig) -> torch.Tensor:
