@@ -65,7 +65,8 @@ def image_batch(images) -> torch.Tensor:
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"images in one batch must share a size, got {sorted(shapes)}")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    # contiguous: see hyperlora.toy.face_recognizer.to_pixels (channels-last batches crashed oneDNN on AVX2)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255.0
 
 
 def _checked_tensor(images: torch.Tensor) -> torch.Tensor:

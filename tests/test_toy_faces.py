@@ -13,9 +13,17 @@ from hyperlora.toy.face_detector import (
     sample_batch, render_pool,
 )
 from hyperlora.toy.face_scan import scan
-from hyperlora.toy.face_recognizer import RecognizerTrainConfig, arcface_logits, load_recognizer
+from hyperlora.toy.face_recognizer import RecognizerTrainConfig, arcface_logits, load_recognizer, to_pixels
 from hyperlora.toy.faces import FaceEvalConfig, evaluate_faces, load_weights, train_detector, train_recognizer
 from hyperlora.toy.render import render_sample, split_identities
+
+
+def test_pixel_batches_are_contiguous_for_the_conv_backward():
+    """A channels-last (permuted) batch sent oneDNN's conv backward-weights into heap corruption on an AVX2 CPU."""
+    crops = [np.full((112, 112, 3), v, dtype=np.uint8) for v in (0, 255)]
+    pixels = to_pixels(crops)
+    assert pixels.is_contiguous() and pixels.shape == (2, 3, 112, 112)
+    assert pixels.min() == -1.0 and pixels.max() == 1.0
 
 
 @pytest.fixture(scope="module")

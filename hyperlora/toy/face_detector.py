@@ -212,7 +212,8 @@ def sample_batch(pool: Pool, rng: np.random.Generator, config: DetectorTrainConf
         points = _apply(matrix, np.concatenate([box.reshape(2, 2), kps]))  # zoom + shift: corners stay corners
         targets.append(((points + 0.5) / INPUT_SIZE).ravel())
         labels.append(label)
-    pixels = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    # contiguous: see face_recognizer.to_pixels (a channels-last batch crashed oneDNN's conv backward on AVX2)
+    pixels = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous().float().div(127.5).sub(1.0)
     return {"pixels": pixels, "targets": torch.from_numpy(np.stack(targets)).float(), "labels": torch.tensor(labels)}
 
 

@@ -134,7 +134,9 @@ def jittered_crop(image: np.ndarray, kps: np.ndarray, rng: np.random.Generator, 
 
 def to_pixels(crops: list[np.ndarray]) -> torch.Tensor:
     """RGB uint8 crops -> [B, 3, 112, 112] in [-1, 1]: what insightface feeds the network."""
-    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    # contiguous: a permuted (channels-last) batch sent oneDNN's conv backward into heap corruption on an AVX2-only
+    # CPU (torch 2.14.1: 'double free or corruption' in mkldnn_convolution_backward_weights)
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous().float().div(127.5).sub(1.0)
 
 
 def fit_recognizer(config: RecognizerTrainConfig) -> tuple[ToyRecognizer, dict]:
