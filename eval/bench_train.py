@@ -1,5 +1,5 @@
 """Hypernetwork training throughput against the toy UNet's own training step, same batch, same threads:
-`python eval/bench_train.py [--stages 1 2 3] [--batch 16] [--threads 1] [--steps 30] [--hyper-dim 32 --rank 8]`.
+`python -m eval.bench_train [--stages 1 2 3] [--batch 16] [--threads 1] [--steps 30] [--hyper-dim 32 --rank 8]`.
 
 A hypernetwork step is the trainer's own (`hyperlora.train.loop.Trainer.step`: a seeded batch from the
 toy training pool, the stage's generated LoRAs applied per sample, the frozen base model as teacher for

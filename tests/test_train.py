@@ -16,7 +16,7 @@ from hyperlora.train.__main__ import main as train_main
 from hyperlora.train.__main__ import parser
 from hyperlora.train.config import PARAM_GROUPS, StageConfig, resolve
 from hyperlora.train.loop import build_model, load_base_pipeline, train_schedule, train_stage
-from hyperlora.train.losses import LoRAGenerator, stage_loss
+from hyperlora.train.losses import LoRAGenerator, base_coefficient_table, stage_loss
 from hyperlora.train.params import group_of, optimizer_groups, select_trainable
 
 # A tiny pool (3 people x 2 looks) and 2 steps per stage: plumbing, not results.
@@ -141,6 +141,32 @@ def test_case_b_loss_is_zero_when_the_id_lora_is_zero(unet, tmp_path):
     loss, _ = stage_loss(LoRAGenerator(model), pipe.unet, scheduler, batch, config.stage, snr_gamma=None,
                          rng=torch.Generator().manual_seed(1), has_base=True)  # fmt: skip
     assert float(loss) > 1e-6, "a non-zero ID-LoRA must be penalised in case (b)"
+
+
+def test_the_base_coefficient_table_gives_the_loss_the_base_resampler_gives(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from hyperlora.train.data import sample_batch
+    from hyperlora.train.loop import setup_stage
+
+    config = tiny(2, case_probs=(0.5, 0.0, 0.5))  # cases (a) and (c): both use the Base-LoRA
+    trainer = setup_stage(config, cache_dir=tmp_path, progress=False)
+    assert setup_stage(tiny(1), cache_dir=tmp_path, progress=False).base_table is None, "stage 1 trains the Base"
+    model = trainer.accelerator.unwrap_model(trainer.module).hyperlora
+    with torch.no_grad():
+        model.randomize_up_bases(0.05)  # non-zero ID- and Base-LoRAs
+    table = base_coefficient_table(model, trainer.data.clip_base, batch_size=2)
+    assert table.shape[0] == len(trainer.data) and torch.allclose(trainer.base_table, table, atol=1e-6)
+    batch = sample_batch(trainer.data, trainer.others, config.stage, config.run, torch.Generator().manual_seed(0))
+    scheduler = DDPMScheduler.from_config(trainer.scheduler.config)
+
+    def loss(**extra):
+        value, _ = stage_loss(LoRAGenerator(model), trainer.unet, scheduler, {**batch, **extra}, config.stage,
+                              snr_gamma=None, rng=torch.Generator().manual_seed(1), has_base=True)  # fmt: skip
+        return float(value)
+
+    assert loss(base_coefficients=table[batch["index"]]) == pytest.approx(loss(), rel=1e-5)
+    assert loss(base_coefficients=table[batch["index"].roll(1)]) != pytest.approx(loss(), rel=1e-3)
 
 
 def test_a_run_killed_and_resumed_ends_with_bit_identical_weights(schedule, tmp_path):

@@ -38,7 +38,7 @@ from ..targets import find_targets
 from ..toy.cards import git_commit
 from .config import RunConfig
 from .data import TRAINING_SET_FILE, TrainingSet, fixed_batch, sample_batch, step_seed
-from .losses import LoRAGenerator, reference_gap, stage_loss
+from .losses import LoRAGenerator, base_coefficient_table, reference_gap, stage_loss
 from .params import optimizer_groups, select_trainable, zero_new_paths
 from .resume import latest_checkpoint, save_checkpoint
 
@@ -147,6 +147,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     ema: EMAModel | None
+    base_table: torch.Tensor | None = None  # stages 2-3: the frozen Base coefficients of every training image
 
     @property
     def has_base(self) -> bool:
@@ -159,6 +160,8 @@ class Trainer:
         for micro in range(run.grad_accum):
             rng = torch.Generator().manual_seed(step_seed(run.seed, stage.stage, step, micro, accelerator.process_index))
             batch = _to(sample_batch(self.data, self.others, stage, run, rng), accelerator.device)
+            if self.base_table is not None:
+                batch["base_coefficients"] = self.base_table[batch["index"]]
             last = micro == run.grad_accum - 1
             with accelerator.no_sync(self.module) if not last else contextlib.nullcontext():
                 with accelerator.autocast():
@@ -200,8 +203,12 @@ def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir:
     ema = EMAModel(params, decay=run.ema_decay) if run.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    base_table = None
+    if stage.stage > 1 and stage.base_in_id_stages and model.config.has_base_lora and "base" not in stage.groups:
+        base_table = base_coefficient_table(model, data.clip_base, device=accelerator.device,
+                                            autocast=accelerator.autocast)  # fmt: skip
     return Trainer(config, accelerator, unet, scheduler, data, data.others(), val, module, params, optimizer,
-                   schedule, ema)  # fmt: skip
+                   schedule, ema, base_table)  # fmt: skip
 
 
 def _log_line(window: list[dict], step: int, seconds: float, trainer: Trainer) -> dict:

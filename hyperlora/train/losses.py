@@ -12,6 +12,8 @@ student and the teacher, so (b) is exactly zero when the ID-LoRA is zero.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -37,6 +39,21 @@ class LoRAGenerator(nn.Module):
         if branch == "base":
             return model.assemble(model.base_coefficients(clip), "base")
         return model.assemble(model.id_coefficients(clip=clip, arcface=arcface), "id")
+
+
+@torch.no_grad()
+def base_coefficient_table(hyperlora: HyperLoRA, clip_base: torch.Tensor, *, batch_size: int = 64,
+                           device=None, autocast=contextlib.nullcontext) -> torch.Tensor:  # fmt: skip
+    """The frozen Base branch's coefficients of every training image, once: [N, Q, K].
+
+    In stages 2-3 the Base-LoRA of stage 1 is frozen, and an image's Base-LoRA depends on its face-blurred CLIP
+    tokens alone, so its coefficients are a table; a step then only gathers its rows and assembles them, instead
+    of running the Base resampler on the whole batch (0.17 s of a 1.8 s toy step, measured)."""
+    rows = []
+    for start in range(0, len(clip_base), batch_size):
+        with autocast():
+            rows.append(hyperlora.base_coefficients(clip_base[start : start + batch_size].to(device).float()).float())
+    return torch.cat(rows)
 
 
 def take(lora: LoRAWeights, index: torch.Tensor) -> LoRAWeights:
@@ -70,7 +87,10 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
         if use_base:
             with torch.no_grad():  # the Base-LoRA of stage 1 stays frozen
                 module = getattr(generator_module, "module", generator_module)
-                base = module(branch="base", clip=batch["clip_base"]).detach()
+                if "base_coefficients" in batch:  # the rows of base_coefficient_table
+                    base = module.hyperlora.assemble(batch["base_coefficients"], "base")
+                else:
+                    base = module(branch="base", clip=batch["clip_base"]).detach()
         base_scale = ((case == 0) | (case == 2)).float()
         teacher_rows = (case != 0).nonzero().squeeze(1)
         if len(teacher_rows):
