@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 target = args.keep / label / (folder.name if len(folders) > 1 else "")
                 target.mkdir(parents=True, exist_ok=True)
                 for f in [folder / "results.json", *(sorted(folder.glob("grid_*.png")) if args.grids else [])]:
-                    shutil.copy2(f, target / f.name)
+                    if not (target / f.name).exists() or not (target / f.name).samefile(f):  # an arm already kept
+                        shutil.copy2(f, target / f.name)
         print(f"kept: {args.keep}")
     return 0
 

@@ -30,6 +30,9 @@ def test_report_pairs_people_pools_globs_and_keeps(tmp_path, capsys):
     assert figure.stat().st_size > 0
     assert json.loads((keep / "new" / "new_b" / "results.json").read_text())["rows"][0]["identity"] == 2
     assert (keep / "ref" / "grid_1.png").is_file()
+    # an arm read from where it is kept is left as it is (the report redrawn from docs/ with --keep docs/)
+    carry_report.main([f"ref={keep}/ref", f"new={tmp_path}/new_*", "--keep", str(keep), "--grids"])
+    assert json.loads((keep / "ref" / "results.json").read_text())["rows"][0]["identity"] == 1
 
 
 @pytest.mark.parametrize("spec, message", [("noequals", "LABEL=FOLDER"), ("x=/no/such/dir", "no results.json")])
