@@ -143,7 +143,7 @@ def test_case_b_loss_is_zero_when_the_id_lora_is_zero(unet, tmp_path):
     assert float(loss) > 1e-6, "a non-zero ID-LoRA must be penalised in case (b)"
 
 
-def test_the_base_coefficient_table_gives_the_loss_the_base_resampler_gives(tmp_path):
+def test_the_base_coefficient_table_gives_the_loss_the_base_resampler_gives(tmp_path, monkeypatch):
     from diffusers import DDPMScheduler
 
     from hyperlora.train.data import sample_batch
@@ -152,6 +152,9 @@ def test_the_base_coefficient_table_gives_the_loss_the_base_resampler_gives(tmp_
     config = tiny(2, case_probs=(0.5, 0.0, 0.5))  # cases (a) and (c): both use the Base-LoRA
     trainer = setup_stage(config, cache_dir=tmp_path, progress=False)
     assert setup_stage(tiny(1), cache_dir=tmp_path, progress=False).base_table is None, "stage 1 trains the Base"
+    with monkeypatch.context() as patch:
+        patch.setattr("hyperlora.train.loop.BASE_TABLE_MAX_BYTES", 1000)  # a table over the cap: per batch instead
+        assert setup_stage(config, cache_dir=tmp_path, progress=False).base_table is None
     model = trainer.accelerator.unwrap_model(trainer.module).hyperlora
     with torch.no_grad():
         model.randomize_up_bases(0.05)  # non-zero ID- and Base-LoRAs

@@ -45,6 +45,7 @@ from .resume import latest_checkpoint, save_checkpoint
 logger = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"
+BASE_TABLE_MAX_BYTES = 8 * 2**30  # the CPU memory the stages 2-3 table of Base coefficients may take (per process)
 
 
 def load_base_pipeline(path: str, world: str) -> StableDiffusionXLPipeline:
@@ -159,9 +160,10 @@ class Trainer:
         run, stage, accelerator = self.config.run, self.config.stage, self.accelerator
         for micro in range(run.grad_accum):
             rng = torch.Generator().manual_seed(step_seed(run.seed, stage.stage, step, micro, accelerator.process_index))
-            batch = _to(sample_batch(self.data, self.others, stage, run, rng), accelerator.device)
+            batch = sample_batch(self.data, self.others, stage, run, rng)
             if self.base_table is not None:
                 batch["base_coefficients"] = self.base_table[batch["index"]]
+            batch = _to(batch, accelerator.device)
             last = micro == run.grad_accum - 1
             with accelerator.no_sync(self.module) if not last else contextlib.nullcontext():
                 with accelerator.autocast():
@@ -205,8 +207,13 @@ def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir:
         accelerator.register_for_checkpointing(ema)
     base_table = None
     if stage.stage > 1 and stage.base_in_id_stages and model.config.has_base_lora and "base" not in stage.groups:
-        base_table = base_coefficient_table(model, data.clip_base, device=accelerator.device,
-                                            autocast=accelerator.autocast)  # fmt: skip
+        size = len(data) * model.resampler.num_queries * model.config.hyper_dim * 4
+        if size <= BASE_TABLE_MAX_BYTES:
+            base_table = base_coefficient_table(model, data.clip_base, device=accelerator.device,
+                                                autocast=accelerator.autocast)  # fmt: skip
+        else:
+            logger.info("Base coefficients of %d images would take %.1f GB: the Base resampler runs per batch instead",
+                        len(data), size / 1e9)  # fmt: skip
     return Trainer(config, accelerator, unet, scheduler, data, data.others(), val, module, params, optimizer,
                    schedule, ema, base_table)  # fmt: skip
 
