@@ -144,8 +144,6 @@ def test_case_b_loss_is_zero_when_the_id_lora_is_zero(unet, tmp_path):
 
 
 def test_the_base_coefficient_table_gives_the_loss_the_base_resampler_gives(tmp_path, monkeypatch):
-    from diffusers import DDPMScheduler
-
     from hyperlora.train.data import sample_batch
     from hyperlora.train.loop import setup_stage
 
@@ -161,10 +159,9 @@ def test_the_base_coefficient_table_gives_the_loss_the_base_resampler_gives(tmp_
     table = base_coefficient_table(model, trainer.data.clip_base, batch_size=2)
     assert table.shape[0] == len(trainer.data) and torch.allclose(trainer.base_table, table, atol=1e-6)
     batch = sample_batch(trainer.data, trainer.others, config.stage, config.run, torch.Generator().manual_seed(0))
-    scheduler = DDPMScheduler.from_config(trainer.scheduler.config)
 
     def loss(**extra):
-        value, _ = stage_loss(LoRAGenerator(model), trainer.unet, scheduler, {**batch, **extra}, config.stage,
+        value, _ = stage_loss(LoRAGenerator(model), trainer.unet, trainer.scheduler, {**batch, **extra}, config.stage,
                               snr_gamma=None, rng=torch.Generator().manual_seed(1), has_base=True)  # fmt: skip
         return float(value)
 

@@ -207,7 +207,7 @@ def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir:
         accelerator.register_for_checkpointing(ema)
     base_table = None
     if stage.stage > 1 and stage.base_in_id_stages and model.config.has_base_lora and "base" not in stage.groups:
-        size = len(data) * model.resampler.num_queries * model.config.hyper_dim * 4
+        size = len(data) * model.base_resampler.num_queries * model.config.hyper_dim * 4
         if size <= BASE_TABLE_MAX_BYTES:
             base_table = base_coefficient_table(model, data.clip_base, device=accelerator.device,
                                                 autocast=accelerator.autocast)  # fmt: skip
