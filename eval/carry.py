@@ -9,10 +9,11 @@ beat a fine-tune of those linears at full rank; if that stays low, the base mode
     python -m eval.carry --train lora --rank 4 --lr 1e-3 ...       # the harness's DreamBooth LoRA
     python -m eval.carry --train resnets --unet runs/unet_more/unet  # another UNet in the same toy pipeline
     python -m eval.carry --train lora --varied-looks ...   # references in looks of their own, not one shared look
+    python -m eval.carry --guidance 3.5,5,7.5 ...   # score each step count at several guidance scales (one training)
 
 `--train`: lora | targets (HyperLoRA's target linears, full rank) | attentions (whole transformer blocks)
 | resnets | all | any regex over UNet parameter names. Writes results.json and one grid per person
-(references | generations after each step count, the first row the untouched base model).
+(references | generations after each step count and guidance scale, the first row the untouched base model).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def carry(config: EvalConfig, world: ToyWorld, index: int, args) -> list[dict]:
     with torch.no_grad():
         batch = DreamBooth(config, world)._data(identity)
     prompts, rows, grid, done, seconds = config.selected_prompts(), [], [], 0, 0.0
+    default_guidance = world.config.guidance
     try:
         for count in [0, *args.steps]:
             start, losses = time.perf_counter(), []
@@ -114,16 +116,20 @@ def carry(config: EvalConfig, world: ToyWorld, index: int, args) -> list[dict]:
                 for p in params:
                     p.requires_grad_(False)
             seconds, done = seconds + time.perf_counter() - start, count
-            per_prompt, images = score(world, identity, prompts, args.seeds_per_prompt)
-            neutral = per_prompt.get(0, {}).get("id_sim")
-            others = [v["adherence"] for i, v in per_prompt.items() if i != 0]
-            rows.append({"identity": identity["id"], "train": args.train, "steps": count, "lr": args.lr,
-                         "trained_parameters": sum(p.numel() for p in params), "train_s": round(seconds, 1),
-                         "id_sim_all": float(np.mean([v["id_sim"] for v in per_prompt.values()])),
-                         "id_sim_neutral": neutral, "adherence": float(np.mean(others)) if others else None,
-                         "final_loss": float(np.mean(losses[-50:])) if losses else None, "per_prompt": per_prompt})  # fmt: skip
-            grid.append(np.concatenate([*identity["images"], np.full_like(images[0], 255), *images], axis=1))
+            for guidance in args.guidance:  # the same weights sampled at each scale
+                world.config.guidance = guidance
+                per_prompt, images = score(world, identity, prompts, args.seeds_per_prompt)
+                neutral = per_prompt.get(0, {}).get("id_sim")
+                others = [v["adherence"] for i, v in per_prompt.items() if i != 0]
+                rows.append({"identity": identity["id"], "train": args.train, "steps": count, "lr": args.lr,
+                             "guidance": guidance, "trained_parameters": sum(p.numel() for p in params),
+                             "train_s": round(seconds, 1),
+                             "id_sim_all": float(np.mean([v["id_sim"] for v in per_prompt.values()])),
+                             "id_sim_neutral": neutral, "adherence": float(np.mean(others)) if others else None,
+                             "final_loss": float(np.mean(losses[-50:])) if losses else None, "per_prompt": per_prompt})  # fmt: skip
+                grid.append(np.concatenate([*identity["images"], np.full_like(images[0], 255), *images], axis=1))
     finally:
+        world.config.guidance = default_guidance
         if args.train == "lora":  # the base weights stay untouched under the adapter
             remove_adapter(unet, ADAPTER)
         else:
@@ -131,6 +137,17 @@ def carry(config: EvalConfig, world: ToyWorld, index: int, args) -> list[dict]:
     sheet = Image.fromarray(np.concatenate(grid, axis=0))
     sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(args.out / f"grid_{identity['id']}.png")
     return rows
+
+
+def parse_guidance(text: str) -> list[float]:
+    """'3.5,5' -> [3.5, 5.0]; every scale a finite number >= 1 (1 is no guidance; below it the prompt is inverted)."""
+    try:
+        scales = [float(g) for g in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--guidance takes comma-separated numbers, got {text!r}") from None
+    if not all(np.isfinite(g) and g >= 1.0 for g in scales):
+        raise SystemExit(f"--guidance scales must be finite and at least 1, got {text!r}")
+    return list(dict.fromkeys(scales))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(toy world) instead of the harness's one shared look")  # fmt: skip
     parser.add_argument("--prompts", default="0,1,5,9", help="evaluation prompt indices (0: the neutral one)")
     parser.add_argument("--seeds-per-prompt", type=int, default=2)
+    parser.add_argument("--guidance", default=str(EvalConfig.guidance),
+                        help="classifier-free guidance scale(s) to sample at, comma-separated (default: the harness's)")  # fmt: skip
     parser.add_argument("--unet", default="", help="a UNet folder to use in the toy pipeline instead of its own")
     parser.add_argument("--toy-dir", default="data/toy")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.steps = sorted({int(s) for s in args.steps.split(",")})
+    args.guidance = parse_guidance(args.guidance)
     args.out.mkdir(parents=True, exist_ok=True)
     config = EvalConfig(world="toy", methods="dreambooth", num_references=args.num_references, prompts=args.prompts,
                         toy_dir=args.toy_dir)  # fmt: skip
@@ -164,14 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         rows += carry(config, world, index, args)
         (args.out / "results.json").write_text(json.dumps({"args": {**vars(args), "out": str(args.out)},
                                                           "rows": rows}, indent=1) + "\n")  # fmt: skip
-    print(f"{'person':>8} {'steps':>6} {'id_sim all':>10} {'neutral':>8} {'adherence':>9} {'train s':>8}")
+    print(f"{'person':>8} {'steps':>6} {'guidance':>8} {'id_sim all':>10} {'neutral':>8} {'adherence':>9} "
+          f"{'train s':>8}")  # fmt: skip
     for r in rows:
-        print(f"{r['identity']:>8} {r['steps']:>6} {r['id_sim_all']:>10.3f} {r['id_sim_neutral']:>8.3f} "
-              f"{r['adherence']:>9.3f} {r['train_s']:>8.0f}")  # fmt: skip
+        print(f"{r['identity']:>8} {r['steps']:>6} {r['guidance']:>8.1f} {r['id_sim_all']:>10.3f} "
+              f"{r['id_sim_neutral']:>8.3f} {r['adherence']:>9.3f} {r['train_s']:>8.0f}")  # fmt: skip
     for count in [0, *args.steps]:
-        at = [r for r in rows if r["steps"] == count]
-        print(f"mean at {count} steps: id_sim all {np.mean([r['id_sim_all'] for r in at]):.3f}, "
-              f"neutral {np.mean([r['id_sim_neutral'] for r in at]):.3f}")  # fmt: skip
+        for guidance in args.guidance:
+            at = [r for r in rows if r["steps"] == count and r["guidance"] == guidance]
+            print(f"mean at {count} steps, guidance {guidance}: "
+                  f"id_sim all {np.mean([r['id_sim_all'] for r in at]):.3f}, neutral {np.mean([r['id_sim_neutral'] for r in at]):.3f}")  # fmt: skip
     return 0
 
 

@@ -4,7 +4,8 @@
         --figure docs/figures/framing_check0.png --keep docs/framing
 
 Each argument is LABEL=FOLDER (a glob may name several folders, whose rows are pooled: one person split over two
-runs). Prints, per arm and step count, the mean ID similarity over the prompts and on the neutral prompt, the
+runs). A run scored at several guidance scales (`eval.carry --guidance 3.5,5`) becomes one arm per scale, labelled
+"LABEL g=5.0", the harness's default scale first (rows from before the field existed were sampled at it). Prints, per arm and step count, the mean ID similarity over the prompts and on the neutral prompt, the
 adherence and each person's figure, then every arm's paired difference to the first arm (mean ± standard error
 over the people both scored). `--figure` draws ID similarity against steps, one line per person and the mean;
 `--keep DIR` copies each arm's results.json (and its grids with `--grids`) so that the report can be drawn again
@@ -21,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .protocol import EvalConfig
 from .summary import paired_gap
+
+DEFAULT_GUIDANCE = EvalConfig.guidance  # what eval.carry sampled at before it recorded the scale
 
 
 def load_arm(spec: str) -> tuple[str, list[dict], list[Path]]:
@@ -34,6 +38,15 @@ def load_arm(spec: str) -> tuple[str, list[dict], list[Path]]:
         raise SystemExit(f"arm {label!r}: no results.json under {pattern!r} (run python -m eval.carry first)")
     rows = [row for folder in folders for row in json.loads((folder / "results.json").read_text())["rows"]]
     return label, rows, folders
+
+
+def split_guidance(label: str, rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """One arm per guidance scale the rows were sampled at ("LABEL g=7.5"), the default scale first; one scale
+    keeps the label as it is."""
+    scales = sorted({r.get("guidance", DEFAULT_GUIDANCE) for r in rows}, key=lambda g: (g != DEFAULT_GUIDANCE, g))
+    if len(scales) == 1:
+        return [(label, rows)]
+    return [(f"{label} g={g}", [r for r in rows if r.get("guidance", DEFAULT_GUIDANCE) == g]) for g in scales]
 
 
 def by_person(rows: list[dict], steps: int) -> dict[int, float]:
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = [label for label, _, _ in loaded]
     if len(set(labels)) < len(labels):
         raise SystemExit(f"arm labels must differ, got {labels}")
-    arms = [(label, rows) for label, rows, _ in loaded]
+    arms = [arm for label, rows, _ in loaded for arm in split_guidance(label, rows)]
     print(markdown(arms))
     for line in paired(arms):
         print(line)

@@ -7,11 +7,16 @@ import pytest
 from eval import carry_report
 
 
-def write_run(folder, values: dict[int, dict[int, float]]) -> None:
-    """values: {person: {steps: id_sim_all}}, as eval.carry writes its results.json."""
+def write_run(folder, values: dict[int, dict[int, float]], guidance: float | None = None) -> None:
+    """values: {person: {steps: id_sim_all}}, as eval.carry writes its results.json (`guidance`: None as before
+    eval.carry recorded the scale)."""
     rows = [{"identity": person, "steps": steps, "id_sim_all": v, "id_sim_neutral": v + 0.1, "adherence": 0.8}
             for person, by_steps in values.items() for steps, v in by_steps.items()]  # fmt: skip
-    folder.mkdir(parents=True)
+    if guidance is not None:
+        rows = [{**r, "guidance": guidance} for r in rows]
+    if (folder / "results.json").is_file():  # a second scale of the same run
+        rows = json.loads((folder / "results.json").read_text())["rows"] + rows
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps({"args": {}, "rows": rows}))
     (folder / f"grid_{next(iter(values))}.png").write_bytes(b"png")
 
@@ -33,6 +38,34 @@ def test_report_pairs_people_pools_globs_and_keeps(tmp_path, capsys):
     # an arm read from where it is kept is left as it is (the report redrawn from docs/ with --keep docs/)
     carry_report.main([f"ref={keep}/ref", f"new={tmp_path}/new_*", "--keep", str(keep), "--grids"])
     assert json.loads((keep / "ref" / "results.json").read_text())["rows"][0]["identity"] == 1
+
+
+def test_a_run_scored_at_several_guidance_scales_is_one_arm_per_scale(tmp_path, capsys):
+    write_run(tmp_path / "old", {1: {300: 0.2}, 2: {300: 0.4}})  # no scale recorded: the default, 5.0
+    write_run(tmp_path / "run", {1: {300: 0.5}, 2: {300: 0.3}}, guidance=7.5)
+    write_run(tmp_path / "run", {1: {300: 0.25}, 2: {300: 0.45}}, guidance=5.0)
+    carry_report.main([f"old={tmp_path}/old", f"run={tmp_path}/run"])
+    out = capsys.readouterr().out
+    assert "| old | 300 | 2 | 0.300 |" in out
+    assert out.index("| run g=5.0 | 300 | 2 | 0.350 |") < out.index("| run g=7.5 | 300 | 2 | 0.400 |")
+    assert "run g=5.0 - old at 300 steps: +0.050 ± 0.000 over 2 people" in out
+    assert "run g=7.5 - old at 300 steps: +0.100 ± 0.200 over 2 people" in out  # +0.3 and -0.1
+
+
+@pytest.mark.parametrize("text, scales", [("5", [5.0]), ("3.5,5,7.5,5", [3.5, 5.0, 7.5])])
+def test_guidance_scales_are_parsed(text, scales):
+    from eval.carry import parse_guidance
+
+    assert parse_guidance(text) == scales
+
+
+@pytest.mark.parametrize("text, message", [("five", "comma-separated numbers"), ("0.5", "at least 1"),
+                                           ("nan", "at least 1"), ("5,inf", "at least 1")])  # fmt: skip
+def test_bad_guidance_scales_are_refused(text, message):
+    from eval.carry import parse_guidance
+
+    with pytest.raises(SystemExit, match=message):
+        parse_guidance(text)
 
 
 @pytest.mark.parametrize("spec, message", [("noequals", "LABEL=FOLDER"), ("x=/no/such/dir", "no results.json")])
