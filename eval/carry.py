@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", default="0,1,5,9", help="evaluation prompt indices (0: the neutral one)")
     parser.add_argument("--seeds-per-prompt", type=int, default=2)
     parser.add_argument("--guidance", default=str(EvalConfig.guidance),
-                        help="classifier-free guidance scale(s) to sample at, comma-separated (default: the harness's)")  # fmt: skip
+                        help="guidance scale(s) to sample at, comma-separated (default: the harness's)")  # fmt: skip
     parser.add_argument("--unet", default="", help="a UNet folder to use in the toy pipeline instead of its own")
     parser.add_argument("--toy-dir", default="data/toy")
     parser.add_argument("--out", type=Path, required=True)
@@ -187,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'person':>8} {'steps':>6} {'guidance':>8} {'id_sim all':>10} {'neutral':>8} {'adherence':>9} "
           f"{'train s':>8}")  # fmt: skip
     for r in rows:
-        print(f"{r['identity']:>8} {r['steps']:>6} {r['guidance']:>8.1f} {r['id_sim_all']:>10.3f} "
-              f"{r['id_sim_neutral']:>8.3f} {r['adherence']:>9.3f} {r['train_s']:>8.0f}")  # fmt: skip
+        neutral, adherence = (f"{v:.3f}" if v is not None else "-" for v in (r["id_sim_neutral"], r["adherence"]))
+        print(f"{r['identity']:>8} {r['steps']:>6} {r['guidance']:>8.1f} {r['id_sim_all']:>10.3f} {neutral:>8} "
+              f"{adherence:>9} {r['train_s']:>8.0f}")  # fmt: skip
     for count in [0, *args.steps]:
         for guidance in args.guidance:
             at = [r for r in rows if r["steps"] == count and r["guidance"] == guidance]
-            print(f"mean at {count} steps, guidance {guidance}: "
-                  f"id_sim all {np.mean([r['id_sim_all'] for r in at]):.3f}, neutral {np.mean([r['id_sim_neutral'] for r in at]):.3f}")  # fmt: skip
+            neutral = [r["id_sim_neutral"] for r in at if r["id_sim_neutral"] is not None]
+            print(f"mean at {count} steps, guidance {guidance}: id_sim all {np.mean([r['id_sim_all'] for r in at]):.3f}"
+                  + (f", neutral {np.mean(neutral):.3f}" if neutral else ""))  # fmt: skip
     return 0
 
 

@@ -65,8 +65,9 @@ def markdown(arms: list[tuple[str, list[dict]]]) -> str:
         for steps in step_counts(rows):
             at = sorted((r for r in rows if r["steps"] == steps), key=lambda r: r["identity"])
             adherence = [r["adherence"] for r in at if r["adherence"] is not None]
+            neutral = [r["id_sim_neutral"] for r in at if r["id_sim_neutral"] is not None]  # None: not scored
             lines.append(f"| {label} | {steps} | {len(at)} | {np.mean([r['id_sim_all'] for r in at]):.3f} | "
-                         f"{np.mean([r['id_sim_neutral'] for r in at]):.3f} | "
+                         f"{np.mean(neutral) if neutral else float('nan'):.3f} | "
                          f"{np.mean(adherence) if adherence else float('nan'):.2f} | "
                          f"{', '.join(format(r['id_sim_all'], '.2f') for r in at)} |")  # fmt: skip
     return "\n".join(lines)
