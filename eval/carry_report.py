@@ -5,7 +5,8 @@
 
 Each argument is LABEL=FOLDER (a glob may name several folders, whose rows are pooled: one person split over two
 runs). A run scored at several guidance scales (`eval.carry --guidance 3.5,5`) becomes one arm per scale, labelled
-"LABEL g=5.0", the harness's default scale first (rows from before the field existed were sampled at it). Prints, per arm and step count, the mean ID similarity over the prompts and on the neutral prompt, the
+"LABEL g=5.0", the harness's default scale first (rows from before the field existed were sampled at it).
+Prints, per arm and step count, the mean ID similarity over the prompts and on the neutral prompt, the
 adherence and each person's figure, then every arm's paired difference to the first arm (mean ± standard error
 over the people both scored). `--figure` draws ID similarity against steps, one line per person and the mean;
 `--keep DIR` copies each arm's results.json (and its grids with `--grids`) so that the report can be drawn again
