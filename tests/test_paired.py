@@ -1,0 +1,50 @@
+"""eval.paired: pooling runs of one protocol and pairing every variant to one control."""
+
+import json
+
+import pytest
+
+from eval.paired import main, paired_table, pooled_records
+
+
+def write_run(folder, variants: dict[str, list[float]]):
+    """A saved run: for each variant, one id_sim per (identity, prompt 0, seed 0), identities 0, 1, ..."""
+    folder.mkdir(parents=True)
+    rows = [
+        {"variant": v, "identity": i, "prompt_index": 0, "seed_index": 0, "id_sim": x}
+        for v, values in variants.items()
+        for i, x in enumerate(values)
+    ]
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_pools_runs_renames_variants_and_pairs_to_the_control(tmp_path):
+    a = write_run(tmp_path / "a", {"hyperlora": [0.2, 0.1, 0.3], "coef_ft@300": [0.25, 0.1, 0.2]})
+    b = write_run(tmp_path / "b", {"hyperlora": [9.0, 9.0, 9.0], "coef_ft@300": [0.5, 0.4, 0.6]})
+    records = pooled_records([f"x={a}", f"y={b}"], "hyperlora")
+    assert [r["id_sim"] for r in records if r["variant"] == "hyperlora"] == [0.2, 0.1, 0.3]  # the first run's only
+    table = {row["variant"]: row for row in paired_table(records, "hyperlora")}
+    assert set(table) == {"hyperlora", "x coef_ft@300", "y coef_ft@300"}
+    assert table["hyperlora"]["gap"] is None
+    assert table["x coef_ft@300"]["gap"]["mean"] == pytest.approx((0.05 + 0.0 - 0.1) / 3)
+    assert table["y coef_ft@300"]["gap"]["mean"] == pytest.approx(0.3)
+    assert table["y coef_ft@300"]["gap"]["identities_above_zero"] == 3
+    assert table["y coef_ft@300"]["mean"] == pytest.approx(0.5)
+
+
+def test_cli_prints_a_row_per_variant(tmp_path, capsys):
+    a = write_run(tmp_path / "a", {"hyperlora": [0.2, 0.1], "zero_ft@300": [0.4, 0.2]})
+    assert main([f"free={a}"]) == 0
+    out = capsys.readouterr().out
+    assert "| free zero_ft@300 | 2 | 0.300 | +0.150 ± 0.050 (2 of 2) |" in out
+
+
+def test_refuses_bad_arguments(tmp_path):
+    a = write_run(tmp_path / "a", {"zero_ft@300": [0.4]})
+    with pytest.raises(SystemExit, match="LABEL=FOLDER"):
+        pooled_records([str(a)], "hyperlora")
+    with pytest.raises(SystemExit, match="no records.jsonl"):
+        pooled_records([f"x={tmp_path / 'missing'}"], "hyperlora")
+    with pytest.raises(SystemExit, match="control variant 'hyperlora'"):
+        pooled_records([f"x={a}"], "hyperlora")
