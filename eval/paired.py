@@ -1,11 +1,14 @@
 """Paired gaps across saved evaluation runs: every variant against one control on the same person, prompt and seed.
 
-    python -m eval.paired "lr1e-2=runs/coef/coef_shipped" "free=runs/coef/zero_shipped" --control hyperlora
+    python -m eval.paired "lr1e-2=runs/coef/coef_shipped" "lr3e-2=runs/coef/coef_lr3e-2" --control hyperlora
 
 Each argument is LABEL=RUN (an `eval.run --out` folder). Runs of one protocol (same people, prompts and seeds) pair
-image by image; the control variant is taken from the first run that has it, and every other variant is named
-"LABEL variant" so that two runs of one method (two learning rates) stay apart. Prints, per variant, its mean over
-its images and its difference to the control with the standard error over people (`eval.summary.paired_gap`).
+image by image. Every variant is named "LABEL variant", so that two runs of one method (two learning rates, two
+guidance scales) stay apart. `--control` names one of them ("g5 zero_ft@300"), or a bare variant ("hyperlora"),
+which means that variant of the first run that has it. Prints, per variant, its mean over its images and its
+difference to the control with the standard error over people (`eval.summary.paired_gap`).
+
+    python -m eval.paired "g5=runs/coef/zero_g5" "g3=runs/coef/zero_g3" --control "g5 zero_ft@300"
 """
 
 from __future__ import annotations
@@ -18,25 +21,26 @@ import numpy as np
 from .summary import load_records, paired_gap
 
 
-def pooled_records(specs: list[str], control: str) -> list[dict]:
-    """LABEL=RUN arguments -> their records, variants renamed "LABEL variant", the control kept from the first run."""
-    records, have_control = [], False
+def pooled_records(specs: list[str]) -> list[dict]:
+    """LABEL=RUN arguments -> their records, each variant renamed "LABEL variant" (the bare name kept as `source`)."""
+    records = []
     for spec in specs:
         label, sep, run = spec.partition("=")
         if not sep or not label or not run:
             raise SystemExit(f"a run is LABEL=FOLDER, got {spec!r}")
         if not (Path(run) / "records.jsonl").is_file():
             raise SystemExit(f"run {label!r}: no records.jsonl in {run!r} (run python -m eval.run --out {run} first)")
-        rows = load_records(run)
-        for r in rows:
-            if r["variant"] != control:
-                records.append({**r, "variant": f"{label} {r['variant']}"})
-            elif not have_control:
-                records.append(r)
-        have_control = have_control or any(r["variant"] == control for r in rows)
-    if not have_control:
-        raise SystemExit(f"no run has the control variant {control!r}")
+        records += [{**r, "variant": f"{label} {r['variant']}", "source": r["variant"]} for r in load_records(run)]
     return records
+
+
+def resolve_control(records: list[dict], control: str) -> str:
+    """`control` when it is a pooled variant's name, else the first run's variant of that bare name."""
+    for key in ("variant", "source"):
+        match = next((r["variant"] for r in records if r[key] == control), None)
+        if match is not None:
+            return match
+    raise SystemExit(f"no run has the control variant {control!r}")
 
 
 def paired_table(records: list[dict], control: str, key: str = "id_sim") -> list[dict]:
@@ -57,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", default="hyperlora", help="the variant every other one is paired to")
     parser.add_argument("--key", default="id_sim", help="per-image metric (id_sim, trait_match, clip_t, ...)")
     args = parser.parse_args(argv)
-    table = paired_table(pooled_records(args.runs, args.control), args.control, args.key)
-    print(f"| variant | images | {args.key} | paired to {args.control} (people above 0) |\n|---|---|---|---|")
+    records = pooled_records(args.runs)
+    control = resolve_control(records, args.control)
+    table = paired_table(records, control, args.key)
+    print(f"| variant | images | {args.key} | paired to {control} (people above 0) |\n|---|---|---|---|")
     for row in table:
         gap, text = row["gap"], ""
         if gap is not None:
             sem = f" ± {gap['sem']:.3f}" if gap["sem"] is not None else ""
             text = f"{gap['mean']:+.3f}{sem} ({gap['identities_above_zero']} of {gap['n_identities']})"
-        elif row["variant"] != args.control:
+        elif row["variant"] != control:
             text = "no image shared with the control"
         print(f"| {row['variant']} | {row['n_images']} | {row['mean']:.3f} | {text} |")
     return 0

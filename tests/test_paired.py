@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eval.paired import main, paired_table, pooled_records
+from eval.paired import main, paired_table, pooled_records, resolve_control
 
 
 def write_run(folder, variants: dict[str, list[float]]):
@@ -21,16 +21,28 @@ def write_run(folder, variants: dict[str, list[float]]):
 
 def test_pools_runs_renames_variants_and_pairs_to_the_control(tmp_path):
     a = write_run(tmp_path / "a", {"hyperlora": [0.2, 0.1, 0.3], "coef_ft@300": [0.25, 0.1, 0.2]})
-    b = write_run(tmp_path / "b", {"hyperlora": [9.0, 9.0, 9.0], "coef_ft@300": [0.5, 0.4, 0.6]})
-    records = pooled_records([f"x={a}", f"y={b}"], "hyperlora")
-    assert [r["id_sim"] for r in records if r["variant"] == "hyperlora"] == [0.2, 0.1, 0.3]  # the first run's only
-    table = {row["variant"]: row for row in paired_table(records, "hyperlora")}
-    assert set(table) == {"hyperlora", "x coef_ft@300", "y coef_ft@300"}
-    assert table["hyperlora"]["gap"] is None
+    b = write_run(tmp_path / "b", {"hyperlora": [0.2, 0.2, 0.2], "coef_ft@300": [0.5, 0.4, 0.6]})
+    records = pooled_records([f"x={a}", f"y={b}"])
+    control = resolve_control(records, "hyperlora")  # a bare name: the first run's
+    assert control == "x hyperlora"
+    table = {row["variant"]: row for row in paired_table(records, control)}
+    assert list(table) == ["x hyperlora", "x coef_ft@300", "y hyperlora", "y coef_ft@300"]
+    assert table["x hyperlora"]["gap"] is None
     assert table["x coef_ft@300"]["gap"]["mean"] == pytest.approx((0.05 + 0.0 - 0.1) / 3)
     assert table["y coef_ft@300"]["gap"]["mean"] == pytest.approx(0.3)
     assert table["y coef_ft@300"]["gap"]["identities_above_zero"] == 3
     assert table["y coef_ft@300"]["mean"] == pytest.approx(0.5)
+    assert table["y hyperlora"]["gap"]["mean"] == pytest.approx(0.0)  # (0 + 0.1 - 0.1) / 3
+
+
+def test_the_same_method_of_two_runs_pairs_by_its_full_name(tmp_path):
+    g5 = write_run(tmp_path / "g5", {"zero_ft@300": [0.3, 0.4]})
+    g3 = write_run(tmp_path / "g3", {"zero_ft@300": [0.4, 0.3]})
+    records = pooled_records([f"g5={g5}", f"g3={g3}"])
+    control = resolve_control(records, "g3 zero_ft@300")
+    table = {row["variant"]: row for row in paired_table(records, control)}
+    assert table["g5 zero_ft@300"]["gap"]["mean"] == pytest.approx(0.0)
+    assert table["g5 zero_ft@300"]["gap"]["identities_above_zero"] == 1
 
 
 def test_cli_prints_a_row_per_variant(tmp_path, capsys):
@@ -43,8 +55,8 @@ def test_cli_prints_a_row_per_variant(tmp_path, capsys):
 def test_refuses_bad_arguments(tmp_path):
     a = write_run(tmp_path / "a", {"zero_ft@300": [0.4]})
     with pytest.raises(SystemExit, match="LABEL=FOLDER"):
-        pooled_records([str(a)], "hyperlora")
+        pooled_records([str(a)])
     with pytest.raises(SystemExit, match="no records.jsonl"):
-        pooled_records([f"x={tmp_path / 'missing'}"], "hyperlora")
+        pooled_records([f"x={tmp_path / 'missing'}"])
     with pytest.raises(SystemExit, match="control variant 'hyperlora'"):
-        pooled_records([f"x={a}"], "hyperlora")
+        resolve_control(pooled_records([f"x={a}"]), "hyperlora")
