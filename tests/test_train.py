@@ -107,6 +107,14 @@ def test_each_stage_writes_a_checkpoint_that_reloads_in_the_official_format(sche
         assert -1.0 <= val["val_coefficient_cosine"] <= 1.0
 
 
+def test_a_stage_started_from_a_shipped_fp16_checkpoint_trains_in_float32(schedule, unet, tmp_path):
+    shipped = schedule / "stage3" / "hyperlora"  # fp16, as data/toy/hyperlora
+    assert {p.dtype for p in build_model(tiny(3), unet, shipped).parameters()} == {torch.float32}
+    train_stage(tiny(3), tmp_path / "branch", init=shipped, cache_dir=schedule / "cache", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "branch" / "log.jsonl").read_text().splitlines()]
+    assert lines and all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
+
+
 def test_a_stage_changes_only_the_parameters_it_owns(schedule, unet):
     init = build_model(tiny(1), unet, None)  # the seeded fresh model stage 1 started from
     before = {n: p.detach().clone() for n, p in init.named_parameters()}

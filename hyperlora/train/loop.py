@@ -95,7 +95,9 @@ def build_model(config: RunConfig, unet, init: Path | None) -> HyperLoRA:
         model = HyperLoRA(config.model, find_targets(unet))
         zero_new_paths(model)
         return model
-    model = load_checkpoint(init, unet=unet)
+    # float32 master weights whatever the file holds: a shipped fp16 checkpoint trained as fp16 goes NaN within
+    # 20 steps (mixed precision casts the forward, never the AdamW state)
+    model = load_checkpoint(init, unet=unet, dtype=torch.float32)
     if model.config != config.model:
         theirs, ours = model.config.to_dict(), config.model.to_dict()
         diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
