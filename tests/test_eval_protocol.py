@@ -303,3 +303,21 @@ def test_lora_geometry_measures_the_update_not_the_factors():
     negative = LoRAWeights({"x": (down, -up)}, rank=2, alpha=2.0)
     assert update_cosine(a, negative) == pytest.approx(-1.0, abs=1e-6)
     assert update_distance(a, negative) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_coefficient_geometry_tells_a_shared_correction_from_personal_ones():
+    from eval.lora_geometry import coefficient_geometry
+
+    generator = torch.Generator().manual_seed(0)
+    generated = [torch.nn.functional.normalize(torch.randn(1, 3, 8, generator=generator), dim=-1) for _ in range(4)]
+    offset = torch.randn(1, 3, 8, generator=generator)
+    shared = coefficient_geometry(generated, [g + offset for g in generated])
+    assert shared["correction_shared"] == pytest.approx(1.0) and shared["correction_between"] == pytest.approx(1.0)
+    personal = coefficient_geometry(generated, [g + torch.randn(1, 3, 8, generator=generator) for g in generated])
+    assert personal["correction_shared"] < 0.6 and abs(personal["correction_between"]) < 0.5
+    same = coefficient_geometry(generated, generated)
+    assert same["fitted_to_generated"] == pytest.approx(1.0) and same["fitted_between"] == same["generated_between"]
+    with pytest.raises(ValueError, match="two people"):
+        coefficient_geometry(generated[:1], generated[:1])
+    with pytest.raises(ValueError, match="differ in shape"):
+        coefficient_geometry(generated[:2], [torch.zeros(1, 2, 8)] * 2)
