@@ -13,6 +13,7 @@ all people share. A shared correction is one offset the resampler could learn fo
 mapping from the person to their coefficients that it has not learned yet.
 
     python -m eval.lora_geometry --checkpoint runs/train/toy_v2_arc/snapshots/step-6500 --ids 0,1 --steps 300
+    python -m eval.lora_geometry --checkpoint CKPT --ids 0,1,2,3 --coef-seeds 0,1 --coefficients-only --id-scale 2.5
 """
 
 from __future__ import annotations
@@ -82,11 +83,11 @@ def coefficient_geometry(generated: list[torch.Tensor], fitted: list[torch.Tenso
 def person_loras(method, identity: dict, steps: int, lr: float, coef_lr: float, id_scale: float, *,
                  coef_seeds: tuple[int, ...] = (0,), free: bool = True) -> dict:  # fmt: skip
     """{"generated", "zero_ft", "hyperlora_ft", "coef_ft"} LoRAs of one person (`method`: a HyperLoRAMethod), and
-    under "tokens" the generated and the tuned coefficient tokens ({"generated", "coef_ft"}, each [1, Q, K]).
+    under "tokens" the generated coefficient tokens and the tuned ones, one per seed ({"generated": [1, Q, K],
+    "coef_ft": [[1, Q, K], ...]}).
 
-    The coefficients are tuned once per seed of `coef_seeds` (batches, noise, timesteps): "coef_ft" is the first
-    seed's, "coef_ft_seeds" all of them, so that two tunings of one person say how much of the tokens' movement is
-    the optimiser's noise. `free=False` skips the two free LoRAs (zero_ft, hyperlora_ft)."""
+    The coefficients are tuned once per seed of `coef_seeds` (batches, noise, timesteps), so that two tunings of one
+    person say how much of the tokens' movement is the optimiser's noise; the "coef_ft" LoRA is the first seed's. `free=False` skips the two free LoRAs (zero_ft, hyperlora_ft)."""
     from hyperlora.coefficient_tune import CoefficientFinetuner, id_coefficients
     from hyperlora.finetune import (
         INSTANCE_PROMPT,
@@ -117,7 +118,7 @@ def person_loras(method, identity: dict, steps: int, lr: float, coef_lr: float, 
         tuner.train(steps, progress=False)
         out.setdefault("coef_ft", tuner.lora)
         fitted.append(tuner.unit_coefficients.cpu())
-    out["tokens"] = {"generated": coefficients.cpu(), "coef_ft": fitted[0], "coef_ft_seeds": fitted}
+    out["tokens"] = {"generated": coefficients.cpu(), "coef_ft": fitted}
     return out
 
 
@@ -157,13 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                                                       args.id_scale, coef_seeds=coef_seeds,
                                                       free=not args.coefficients_only)  # fmt: skip
         tokens = loras.pop("tokens")
-        repeat = tokens["coef_ft_seeds"]
+        repeat = tokens["coef_ft"]
         noise = (
             "" if len(repeat) < 2 else f", two tunings' cosine to each other {token_cosine(repeat[0], repeat[1]):.3f}"
         )
         print(
             f"person {identity['id']}: tuned tokens' cosine to the generated "
-            f"{token_cosine(tokens['coef_ft'], tokens['generated']):.3f}{noise}"
+            f"{token_cosine(repeat[0], tokens['generated']):.3f}{noise}"
         )
         tuned_tokens.append(tokens)
         for name, lora in loras.items():
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     first, second = list(people.values())[:2]
     for name in ("generated", "zero_ft") if "zero_ft" in first else ("generated", "coef_ft"):
         print(f"two people's {name} updates: |dW_a - dW_b| / |dW_a| = {update_distance(first[name], second[name]):.3f}")
-    geometry = coefficient_geometry([t["generated"] for t in tuned_tokens], [t["coef_ft"] for t in tuned_tokens])
+    geometry = coefficient_geometry([t["generated"] for t in tuned_tokens], [t["coef_ft"][0] for t in tuned_tokens])
     print("coefficient tokens: " + ", ".join(f"{key} {value:.3f}" for key, value in geometry.items()))
     return 0
 
