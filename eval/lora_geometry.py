@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hyperlora.lora import LoRAWeights
+from hyperlora.train.losses import coefficient_cosine
 
 
 def update_norm(lora: LoRAWeights, index: int = 0) -> float:
@@ -69,12 +70,12 @@ def coefficient_geometry(generated: list[torch.Tensor], fitted: list[torch.Tenso
     g, f = torch.stack([t.float().squeeze(0) for t in generated]), torch.stack([t.float().squeeze(0) for t in fitted])
     if g.shape != f.shape:
         raise ValueError(f"generated tokens {tuple(g.shape)} and tuned tokens {tuple(f.shape)} differ in shape")
-    pairs = list(itertools.combinations(range(len(g)), 2))
+    pairs, people = list(itertools.combinations(range(len(g)), 2)), torch.arange(len(g))
     d = f - g
     return {
         "fitted_to_generated": token_cosine(f, g),
-        "generated_between": float(np.mean([token_cosine(g[i], g[j]) for i, j in pairs])),
-        "fitted_between": float(np.mean([token_cosine(f[i], f[j]) for i, j in pairs])),
+        "generated_between": coefficient_cosine(g, people),  # the training log's val_coefficient_cosine
+        "fitted_between": coefficient_cosine(f, people),
         "correction_shared": float(d.mean(0).pow(2).sum() / d.pow(2).sum(dim=(1, 2)).mean().clamp_min(1e-12)),
         "correction_between": float(np.mean([token_cosine(d[i], d[j]) for i, j in pairs])),
     }
