@@ -324,6 +324,38 @@ class CoefficientFineTune(HyperLoRAFineTune):
                                     fixed=fixed)  # fmt: skip
 
 
+class CoefficientRows(HyperLoRAMethod):
+    """HyperLoRA's ID-LoRA from coefficient rows fitted per training person (`python -m eval.coefficient_targets
+    fit`) instead of the resampler's, over the same bases: do the rows carry the person? Scores only people the
+    table holds (`--split train`); the Base-LoRA, when on, is the references' as in `hyperlora`."""
+
+    name = "coef_rows"
+
+    def __init__(self, config: EvalConfig, world):
+        if not config.coefficient_table:
+            raise ValueError("method coef_rows needs --coefficient-table: fit folders of eval.coefficient_targets")
+        super().__init__(config, world)
+        from .coefficient_targets import load_tables
+
+        people, tokens, _ = load_tables(config.coefficient_table.split(","))
+        self.rows = dict(zip(people.tolist(), tokens))
+        self.label += f"; ID coefficients: the rows fitted per person in {config.coefficient_table}"
+
+    def variants(self, identity):
+        if identity["id"] not in self.rows:
+            raise ValueError(f"coef_rows: person {identity['id']} has no row in {self.config.coefficient_table} "
+                             f"(it holds {len(self.rows)} training people): score the people the fit covered")  # fmt: skip
+        for _, timings, generate in super().variants(identity):
+            if not timings["failed"]:
+                result, c = self.personalized.current, self.config
+                row = self.rows[identity["id"]][None].to(c.device, c.torch_dtype)
+                fixed = [(result.loras[b], s) for b, s in result.scales.items() if b != "id" and s]
+                self.personalized.fusion.restore()
+                self.personalized.fusion.fuse([self.personalized.hyperlora.assemble(row, "id"), *(f for f, _ in fixed)],
+                                              [c.id_scale, *(s for _, s in fixed)])  # fmt: skip
+            yield "coef_rows", timings, generate
+
+
 class OtherReference(HyperLoRAMethod):
     """The control of issue 17's figure 2: HyperLoRA personalised from ANOTHER held-out person's references (the
     next one), scored against this person. A LoRA that carries the person scores clearly lower here than
@@ -363,7 +395,7 @@ class NoTrigger(HyperLoRAMethod):
 METHOD_CLASSES = {"hyperlora": HyperLoRAMethod, "hyperlora_other": OtherReference, "hyperlora_no_trigger": NoTrigger,
                   "base": BaseModel, "renders": Renders,
                   "dreambooth": DreamBooth, "hyperlora_ft": HyperLoRAFineTune, "zero_ft": ZeroFineTune,
-                  "coef_ft": CoefficientFineTune}  # fmt: skip
+                  "coef_ft": CoefficientFineTune, "coef_rows": CoefficientRows}  # fmt: skip
 
 
 def make_method(name: str, config: EvalConfig, world) -> Method:

@@ -132,23 +132,24 @@ def fit_table(checkpoint: str, cache: str, people: list[int], out: str | Path, *
                         face_loss_weight=face_loss_weight)  # fmt: skip
     run = TrainConfig(batch_size=16)
     others = data.others()
-    log = open(out / "log.jsonl", "a")
     began = time.perf_counter()
-    for step in tqdm(range(done, steps), initial=done, total=steps, desc="fit rows", disable=not progress):
-        rng = torch.Generator().manual_seed(step_seed(seed, 3, step, 0, 0))
-        batch = sample_batch(data, others, stage, run, rng)
-        batch["base_coefficients"] = base[base_rows[batch["index"]]]
-        generator.rows = row_of[batch["person"]]
-        loss, _ = stage_loss(generator, unet, scheduler, batch, stage, snr_gamma=run.snr_gamma, rng=rng, has_base=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % 20 == 0:
-            log.write(json.dumps({"step": step + 1, "loss": float(loss), "s": round(time.perf_counter() - began, 1)}) + "\n")
-            log.flush()
-        if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
-            _save_table(out, generator, optimizer, people, start, step + 1, checkpoint)
-    log.close()
+    with open(out / "log.jsonl", "a") as log:
+        for step in tqdm(range(done, steps), initial=done, total=steps, desc="fit rows", disable=not progress):
+            rng = torch.Generator().manual_seed(step_seed(seed, 3, step, 0, 0))
+            batch = sample_batch(data, others, stage, run, rng)
+            batch["base_coefficients"] = base[base_rows[batch["index"]]]
+            generator.rows = row_of[batch["person"]]
+            loss, _ = stage_loss(generator, unet, scheduler, batch, stage, snr_gamma=run.snr_gamma, rng=rng,
+                                 has_base=True)  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if (step + 1) % 20 == 0:
+                seconds = round(time.perf_counter() - began, 1)
+                log.write(json.dumps({"step": step + 1, "loss": float(loss), "s": seconds}) + "\n")
+                log.flush()
+            if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
+                _save_table(out, generator, optimizer, people, start, step + 1, checkpoint)
     return out / TABLE_FILE
 
 
@@ -206,32 +207,34 @@ def distill(checkpoint: str, cache: str, tables: list[str], out: str | Path, *, 
 
     def score(mask: torch.Tensor) -> tuple[float, float]:
         with torch.no_grad():
-            predicted = model.id_coefficients(clip=data.clip_id[images[mask]].float(), arcface=data.arcface[images[mask]].float())
+            chosen = images[mask]
+            predicted = model.id_coefficients(clip=data.clip_id[chosen].float(), arcface=data.arcface[chosen].float())
         return float(token_cosine(predicted, targets[rows[mask]]).mean()), between(predicted)
 
-    log = open(out / "log.jsonl", "w")
     generator = torch.Generator().manual_seed(seed)
     train_index = train.nonzero().squeeze(1)
-    for step in tqdm(range(steps + 1), desc="distill", disable=not progress):
-        if step % 250 == 0 or step == steps:
-            (tr, tr_between), (va, va_between) = score(train), score(~train)
-            line = {"step": step, "train_cosine": tr, "val_cosine": va, "val_between": va_between, "train_between": tr_between}
-            log.write(json.dumps(line) + "\n")
-            log.flush()
-            summary.setdefault("start", line)
-            summary["end"] = line
-        if step == steps:
-            break
-        pick = train_index[torch.randint(len(train_index), (batch_size,), generator=generator)]
-        augmented = torch.rand(batch_size, generator=generator) < 0.5  # the flipped, jittered copy half the time
-        clip = torch.where(augmented[:, None, None], data.clip_id_aug[images[pick]], data.clip_id[images[pick]]).float()
-        arcface = torch.where(augmented[:, None], data.arcface_aug[images[pick]], data.arcface[images[pick]]).float()
-        predicted = model.id_coefficients(clip=clip, arcface=arcface)
-        loss = (1 - token_cosine(predicted, targets[rows[pick]])).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    log.close()
+    with open(out / "log.jsonl", "w") as log:
+        for step in tqdm(range(steps + 1), desc="distill", disable=not progress):
+            if step % 250 == 0 or step == steps:
+                (tr, tr_between), (va, va_between) = score(train), score(~train)
+                line = {"step": step, "train_cosine": tr, "val_cosine": va, "val_between": va_between,
+                        "train_between": tr_between}  # fmt: skip
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+                summary.setdefault("start", line)
+                summary["end"] = line
+            if step == steps:
+                break
+            pick = train_index[torch.randint(len(train_index), (batch_size,), generator=generator)]
+            augmented = torch.rand(batch_size, generator=generator) < 0.5  # the flipped, jittered copy half the time
+            chosen = images[pick]
+            clip = torch.where(augmented[:, None, None], data.clip_id_aug[chosen], data.clip_id[chosen]).float()
+            arcface = torch.where(augmented[:, None], data.arcface_aug[chosen], data.arcface[chosen]).float()
+            predicted = model.id_coefficients(clip=clip, arcface=arcface)
+            loss = (1 - token_cosine(predicted, targets[rows[pick]])).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     extra = {"distilled_from": [str(t) for t in tables], "checkpoint": checkpoint, "steps": steps, "lr": lr}
     save_hyperlora(model, out / "model", extra=extra)
     save_hyperlora(model, out / "hyperlora", dtype=torch.float16, extra=extra)
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("fit", "distill"):
         p = sub.add_parser(name)
-        p.add_argument("--checkpoint", required=True, help="the HyperLoRA whose bases (and, to distil, resampler) are used")
+        p.add_argument("--checkpoint", required=True, help="the HyperLoRA whose bases (and resampler) are used")
         p.add_argument("--cache", default="runs/train/toy_v1/cache/train-62b5f0b2d4a48a9d",
                        help="a training pool folder (holding training_set.safetensors)")  # fmt: skip
         p.add_argument("--out", required=True)

@@ -53,7 +53,7 @@ from .summary import (  # noqa: F401  (format_table: re-exported for notebooks a
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("hyperlora", "hyperlora_other", "hyperlora_no_trigger", "base", "renders", "dreambooth", "hyperlora_ft",
-           "zero_ft", "coef_ft")  # fmt: skip
+           "zero_ft", "coef_ft", "coef_rows")  # fmt: skip
 
 
 @dataclass
@@ -84,6 +84,7 @@ class EvalConfig:
     trait_reader: str = ""  # toy: identity-trait reader folder, the second ID judge (trait_match); empty: <toy_dir>/traits
     # when it exists (python -m hyperlora.toy train-traits), else trait_match is None
     checkpoint: str = ""  # HyperLoRA checkpoint folder; empty: a freshly initialised, UNTRAINED one
+    coefficient_table: str = ""  # method coef_rows: fit folders (comma-separated) of `eval.coefficient_targets fit`
     face_backend: str = "toy"  # conditioning face backend (toy | dlib | antelopev2); sdxl: antelopev2 as the release
     judge_backend: str = "toy"  # ID-similarity judge; sdxl warns when it is the conditioning one (not independent)
     min_face_size: float = 8.0  # px; toy faces are ~25 px wide at 64 px

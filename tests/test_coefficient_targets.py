@@ -11,7 +11,8 @@ from hyperlora.checkpoint import load_checkpoint
 from hyperlora.train.config import resolve
 from hyperlora.train.loop import train_stage
 
-TINY_RUN = dict(num_identities=3, images_per_identity=2, batch_size=4, checkpoint_every=2, log_every=1, threads=1)
+TINY_RUN = {"num_identities": 3, "images_per_identity": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1,
+            "threads": 1}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

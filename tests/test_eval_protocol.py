@@ -1,5 +1,6 @@
 """The evaluation protocol end to end on smoke-size toy models: files, rerun identity, baselines, labels."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -209,6 +210,38 @@ def test_other_reference_control_personalises_from_the_next_person(toy_dir, tmp_
     assert gap["n_pairs"] == 2 and gap["n_identities"] == 2 and gap["control"] == "hyperlora_other"
     with pytest.raises(ValueError, match="num-identities >= 2"):
         run_evaluation(smoke_config(toy_dir, methods="hyperlora_other", checkpoint=str(tmp_path / "ckpt")), tmp_path / "x")
+
+
+def test_coefficient_rows_fuse_the_persons_fitted_row_and_refuse_people_without_one(toy_dir, tmp_path, monkeypatch):
+    """coef_rows scores a table of fitted rows (eval.coefficient_targets) in place of the resampler's coefficients."""
+    from safetensors.torch import save_file
+
+    from eval.coefficient_targets import TABLE_FILE
+    from hyperlora import HyperLoRA, find_targets, preset
+    from hyperlora.checkpoint import save_checkpoint
+    from hyperlora.toy.identity import split_identities
+    from hyperlora.toy.pipeline import load_toy_pipeline
+
+    monkeypatch.setitem(backends.FACE_BACKENDS, "centre", f"{__name__}:CentreFaceAnalyzer")
+    torch.manual_seed(0)
+    model = HyperLoRA(preset("tiny", id_embed_dim=16), find_targets(load_toy_pipeline(toy_dir / "sdxl").unet))
+    save_checkpoint(model.randomize_up_bases(0.5, 0), tmp_path / "ckpt")
+    person = split_identities("test")[0]
+    shape = (1, 8 * len(model.targets), model.config.hyper_dim)
+    tokens = torch.nn.functional.normalize(torch.randn(shape), dim=-1)
+    (tmp_path / "rows").mkdir()
+    save_file({"people": torch.tensor([person]), "tokens": tokens, "start": tokens.clone()}, str(tmp_path / "rows" / TABLE_FILE))
+    config = smoke_config(toy_dir, methods="hyperlora,coef_rows", face_backend="centre", checkpoint=str(tmp_path / "ckpt"),
+                          coefficient_table=str(tmp_path / "rows"), prompts="0", seeds_per_prompt=1)  # fmt: skip
+    rows = {r["variant"]: r for r in run_evaluation(config, tmp_path / "run")["rows"]}
+    assert rows["coef_rows"]["weights"].endswith(f"the rows fitted per person in {tmp_path / 'rows'}")
+    records = {r["variant"]: r for r in read_records(tmp_path / "run")}
+    assert records["coef_rows"]["eval_seed"] == records["hyperlora"]["eval_seed"]
+    assert records["coef_rows"]["clip_i_disruption"] != records["hyperlora"]["clip_i_disruption"], "the row's LoRA"
+    with pytest.raises(ValueError, match=f"person {split_identities('test')[1]} has no row"):
+        run_evaluation(dataclasses.replace(config, num_identities=2), tmp_path / "two")
+    with pytest.raises(ValueError, match="needs --coefficient-table"):
+        run_evaluation(dataclasses.replace(config, coefficient_table=""), tmp_path / "none")
 
 
 def test_paired_gap_cancels_shared_noise_and_counts_identities():
