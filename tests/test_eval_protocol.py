@@ -230,9 +230,11 @@ def test_coefficient_rows_fuse_the_persons_fitted_row_and_refuse_people_without_
     shape = (1, 8 * len(model.targets), model.config.hyper_dim)
     tokens = torch.nn.functional.normalize(torch.randn(shape), dim=-1)
     (tmp_path / "rows").mkdir()
-    save_file({"people": torch.tensor([person]), "tokens": tokens, "start": tokens.clone()}, str(tmp_path / "rows" / TABLE_FILE))
-    config = smoke_config(toy_dir, methods="hyperlora,coef_rows", face_backend="centre", checkpoint=str(tmp_path / "ckpt"),
-                          coefficient_table=str(tmp_path / "rows"), prompts="0", seeds_per_prompt=1)  # fmt: skip
+    table = {"people": torch.tensor([person]), "tokens": tokens, "start": tokens.clone()}
+    save_file(table, str(tmp_path / "rows" / TABLE_FILE))
+    config = smoke_config(toy_dir, methods="hyperlora,coef_rows", face_backend="centre",
+                          checkpoint=str(tmp_path / "ckpt"), coefficient_table=str(tmp_path / "rows"), prompts="0",
+                          seeds_per_prompt=1)  # fmt: skip
     rows = {r["variant"]: r for r in run_evaluation(config, tmp_path / "run")["rows"]}
     assert rows["coef_rows"]["weights"].endswith(f"the rows fitted per person in {tmp_path / 'rows'}")
     records = {r["variant"]: r for r in read_records(tmp_path / "run")}
