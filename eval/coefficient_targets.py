@@ -99,12 +99,13 @@ class TableGenerator(nn.Module):
 
 
 def fit_table(checkpoint: str, cache: str, people: list[int], out: str | Path, *, steps: int = 1600, lr: float = 3e-2,
-              looks: int = 4, face_loss_weight: float = 9.0, seed: int = 0, progress: bool = True) -> Path:  # fmt: skip
+              looks: int = 4, face_loss_weight: float = 9.0, seed: int = 0, pipeline: str = "data/toy/sdxl",
+              world: str = "toy", progress: bool = True) -> Path:  # fmt: skip
     """Fit one row of ID tokens per person (see the module docstring); writes OUT/table.safetensors, OUT/log.jsonl.
     Rows start at the resampler's coefficients of the person's first look. Resumes from OUT's table if present."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_base_pipeline("data/toy/sdxl", "toy")
+    pipe = load_base_pipeline(pipeline, world)  # the frozen base model the checkpoint was trained over
     unet = pipe.unet.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     data, _ = TrainingSet.load(Path(cache) / TRAINING_SET_FILE)
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--checkpoint", required=True, help="the HyperLoRA whose bases (and resampler) are used")
         p.add_argument("--cache", default="runs/train/toy_v1/cache/train-62b5f0b2d4a48a9d",
-                       help="a training pool folder (holding training_set.safetensors)")  # fmt: skip
+                       help="a training pool folder holding training_set.safetensors: a toy pool, or an sdxl folder "
+                            "made by `python -m hyperlora.train prepare`")  # fmt: skip
         p.add_argument("--out", required=True)
         p.add_argument("--steps", type=int, default=1600 if name == "fit" else 3000)
         p.add_argument("--seed", type=int, default=0)
@@ -258,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--people", required=True, help="training people: 'a:b' or '1,2,3'")
     fit.add_argument("--lr", type=float, default=3e-2)
     fit.add_argument("--looks", type=int, default=4, help="looks of one person per batch sharing its row")
+    fit.add_argument("--world", choices=("toy", "sdxl"), default="toy")
+    fit.add_argument("--pipeline", default="data/toy/sdxl", help="the frozen base model (a diffusers SDXL folder)")
     dist.add_argument("--tables", nargs="+", required=True, help="fit folders")
     dist.add_argument("--val-people", type=int, default=16)
     dist.add_argument("--lr", type=float, default=1e-3)
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cache {args.cache}: no {TRAINING_SET_FILE} (a pool made by `python -m hyperlora.train`)")
     if args.command == "fit":
         fit_table(args.checkpoint, args.cache, parse_people(args.people), args.out, steps=args.steps, lr=args.lr,
-                  looks=args.looks, seed=args.seed)  # fmt: skip
+                  looks=args.looks, seed=args.seed, pipeline=args.pipeline, world=args.world)  # fmt: skip
     else:
         summary = distill(args.checkpoint, args.cache, args.tables, args.out, val_people=args.val_people,
                           steps=args.steps, lr=args.lr, seed=args.seed)  # fmt: skip
