@@ -42,7 +42,7 @@ from hyperlora.checkpoint import save_checkpoint as save_hyperlora
 from hyperlora.train.config import StageConfig, TrainConfig
 from hyperlora.train.data import TRAINING_SET_FILE, TrainingSet, sample_batch, step_seed
 from hyperlora.train.loop import load_base_pipeline
-from hyperlora.train.losses import base_coefficient_table, stage_loss
+from hyperlora.train.losses import base_coefficient_table, coefficient_cosine, stage_loss
 from hyperlora.train.params import select_trainable
 
 logger = logging.getLogger(__name__)
@@ -170,16 +170,15 @@ def load_tables(folders: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return tuple(torch.cat([p[k] for p in parts]) for k in ("people", "tokens", "start"))
 
 
-def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean per-token cosine of [N, Q, K] against [N, Q, K] -> [N]."""
+def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean per-token cosine of [N, Q, K] against [N, Q, K], per row -> [N] (the distillation loss; for one number,
+    `eval.lora_geometry.token_cosine`)."""
     return F.cosine_similarity(a, b, dim=-1).mean(-1)
 
 
 def between(tokens: torch.Tensor) -> float:
-    """Mean per-token cosine between different rows."""
-    flat = F.normalize(tokens.flatten(1), dim=-1)
-    cosine = flat @ flat.T
-    return float(cosine[~torch.eye(len(tokens), dtype=torch.bool)].mean())
+    """Mean per-token cosine between different rows (each row its own person)."""
+    return coefficient_cosine(tokens, torch.arange(len(tokens)))
 
 
 def distill(checkpoint: str, cache: str, tables: list[str], out: str | Path, *, val_people: int = 16, steps: int = 3000,
@@ -200,9 +199,9 @@ def distill(checkpoint: str, cache: str, tables: list[str], out: str | Path, *, 
     rows = torch.tensor([row_of[int(data.person[i])] for i in images])
     images = torch.tensor(images)
     train = rows < len(people) - val_people
-    summary = {"people": len(people), "val_people": val_people, "fitted_from_start": float(token_cosine(targets, start).mean()),
+    summary = {"people": len(people), "val_people": val_people, "fitted_from_start": float(row_cosine(targets, start).mean()),
                "between_fitted": between(targets), "between_start": between(start),
-               "val_to_train_mean": float(token_cosine(targets[-val_people:],
+               "val_to_train_mean": float(row_cosine(targets[-val_people:],
                                                        F.normalize(targets[:-val_people].mean(0, keepdim=True), dim=-1)
                                                        .expand(val_people, -1, -1)).mean())}  # fmt: skip
 
@@ -210,7 +209,7 @@ def distill(checkpoint: str, cache: str, tables: list[str], out: str | Path, *, 
         with torch.no_grad():
             chosen = images[mask]
             predicted = model.id_coefficients(clip=data.clip_id[chosen].float(), arcface=data.arcface[chosen].float())
-        return float(token_cosine(predicted, targets[rows[mask]]).mean()), between(predicted)
+        return float(row_cosine(predicted, targets[rows[mask]]).mean()), between(predicted)
 
     generator = torch.Generator().manual_seed(seed)
     train_index = train.nonzero().squeeze(1)
@@ -232,7 +231,7 @@ def distill(checkpoint: str, cache: str, tables: list[str], out: str | Path, *, 
             clip = torch.where(augmented[:, None, None], data.clip_id_aug[chosen], data.clip_id[chosen]).float()
             arcface = torch.where(augmented[:, None], data.arcface_aug[chosen], data.arcface[chosen]).float()
             predicted = model.id_coefficients(clip=clip, arcface=arcface)
-            loss = (1 - token_cosine(predicted, targets[rows[pick]])).mean()
+            loss = (1 - row_cosine(predicted, targets[rows[pick]])).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -219,6 +219,7 @@ def test_coefficient_rows_fuse_the_persons_fitted_row_and_refuse_people_without_
     from eval.coefficient_targets import TABLE_FILE
     from hyperlora import HyperLoRA, find_targets, preset
     from hyperlora.checkpoint import save_checkpoint
+    from hyperlora.config import TOKENS_PER_MODULE
     from hyperlora.toy.identity import split_identities
     from hyperlora.toy.pipeline import load_toy_pipeline
 
@@ -227,7 +228,7 @@ def test_coefficient_rows_fuse_the_persons_fitted_row_and_refuse_people_without_
     model = HyperLoRA(preset("tiny", id_embed_dim=16), find_targets(load_toy_pipeline(toy_dir / "sdxl").unet))
     save_checkpoint(model.randomize_up_bases(0.5, 0), tmp_path / "ckpt")
     person = split_identities("test")[0]
-    shape = (1, 8 * len(model.targets), model.config.hyper_dim)
+    shape = (1, TOKENS_PER_MODULE * len(model.targets), model.config.hyper_dim)
     tokens = torch.nn.functional.normalize(torch.randn(shape), dim=-1)
     (tmp_path / "rows").mkdir()
     table = {"people": torch.tensor([person]), "tokens": tokens, "start": tokens.clone()}
