@@ -127,6 +127,9 @@ def fit_table(checkpoint: str, cache: str, people: list[int], out: str | Path, *
         state = {k: saved[f"adam.{k}"] for k in ("exp_avg", "exp_avg_sq")}
         optimizer.state[generator.table.weight] = {"step": int(saved["adam.step"]), **state}
         done = int(saved["done"])
+        if (out / "log.jsonl").is_file():  # the lines logged after the saved rows are logged again
+            kept = [line for line in (out / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= done]
+            (out / "log.jsonl").write_text("".join(f"{line}\n" for line in kept))
     row_of = torch.full((int(data.person.max()) + 1,), -1, dtype=torch.long)
     row_of[torch.tensor(people)] = torch.arange(len(people))
     stage = StageConfig(stage=3, case_probs=(1.0, 0.0, 0.0), targets_per_reference=looks,

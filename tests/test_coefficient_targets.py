@@ -34,12 +34,16 @@ def test_a_fit_resumed_from_its_saved_rows_ends_where_an_uninterrupted_one_does(
     monkeypatch.setattr("eval.coefficient_targets.SAVE_EVERY", 2)
     whole = load_file(str(_fit(trained, tmp_path / "whole", 4)))
     _fit(trained, tmp_path / "split", 2)
+    with open(tmp_path / "split" / "log.jsonl", "a") as log:  # a line logged after the saved rows, then killed
+        log.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
     split = load_file(str(_fit(trained, tmp_path / "split", 4)))
     assert int(whole["done"]) == int(split["done"]) == 4
     assert torch.equal(whole["raw"], split["raw"]), "resuming from the saved rows and Adam's moments must be exact"
     assert not torch.allclose(whole["tokens"], whole["start"], atol=1e-4), "the rows must move off the resampler's"
     assert torch.allclose(whole["tokens"].norm(dim=-1), torch.ones(()), atol=1e-5), "the tokens are unit-norm"
     assert whole["people"].tolist() == [0, 1, 2]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert 3 not in logged, "a resumed fit drops the lines logged after its saved rows"
 
 
 def test_distilling_moves_the_resampler_towards_the_rows_and_only_the_resampler(trained, tmp_path):
