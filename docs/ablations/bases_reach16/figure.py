@@ -1,0 +1,36 @@
+"""Val people 0-5, seed 0: the reference, then per prompt zero-shot | coefficients fitted (coef_ft@100) | free rank-8 LoRA (zero_ft@300).
+
+python docs/ablations/bases_reach16/figure.py OUT.png  (reads the eval.run image folders under runs/)
+"""
+
+import sys
+
+import matplotlib.pyplot as plt
+from PIL import Image
+
+RUNS = {
+    "zero-shot": ("runs/targets/e_3500_val16", "hyperlora"),
+    "coef_ft@100": ("runs/reach16/coefft_b1", "coef_ft@100"),
+    "free LoRA@300": ("runs/reach16/zero_ft", "zero_ft@300"),
+}
+PEOPLE, PROMPTS = range(6), (1, 5)
+CELL = 128  # the eval grids' cell: two references, a gap, then the generations
+
+fig, axes = plt.subplots(len(PEOPLE), 1 + len(RUNS) * len(PROMPTS), figsize=(14, 2 * len(PEOPLE)))
+for row, person in zip(axes, PEOPLE):
+    grid = Image.open("runs/reach16/zero_ft/grid_zero_ft_300.png")
+    row[0].imshow(grid.crop((0, CELL * person, CELL, CELL * (person + 1))))
+    column = 1
+    for prompt in PROMPTS:
+        for label, (run, variant) in RUNS.items():
+            row[column].imshow(Image.open(f"{run}/images/{variant}/{900000 + person}_p{prompt:02d}_s0.png"))
+            if person == 0:
+                row[column].set_title(f"{label}\nprompt {prompt}", fontsize=9)
+            column += 1
+    row[0].set_ylabel(f"val {person}")
+axes[0][0].set_title("reference", fontsize=9)
+for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+fig.tight_layout()
+fig.savefig(sys.argv[1], dpi=60)
