@@ -7,9 +7,9 @@ train. Continue it with `python -m hyperlora.train --stage 3 --init DIR --hyper-
 
 Growing K also widens each resampler's output projection. Its new rows start small but not zero
 (`new_row_scale` of the trained rows' spread): a coefficient that is exactly zero on an up basis that is exactly
-zero gives neither of them a gradient, and the new bases would never train. The generated LoRAs then move by
-a few times that fraction, through the new down bases (printed). Growing the rank needs no such nudge: a new down column is random,
-so its up row gets a gradient at once.
+zero gives neither of them a gradient, and the new bases would never train. The generated LoRAs then move by a
+few times that fraction, through the new down bases (printed). Growing the rank needs no such nudge: a new down
+column is random, so its up row gets a gradient at once.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def grow(model: HyperLoRA, *, hyper_dim: int | None = None, rank: int | None = N
     if not 0 <= new_row_scale < 1:
         raise ValueError(f"new_row_scale must be in [0, 1), got {new_row_scale}")
     config = dataclasses.replace(old, hyper_dim=hyper_dim, rank=rank)
-    torch.manual_seed(seed)
-    wide = HyperLoRA(config, model.targets)  # fresh: random down bases, zero up bases
+    with torch.random.fork_rng():  # seeded without touching the caller's RNG
+        torch.manual_seed(seed)
+        wide = HyperLoRA(config, model.targets)  # fresh: random down bases, zero up bases
     source = model.state_dict()
     generator = torch.Generator().manual_seed(seed)
     for name, target in wide.state_dict().items():
