@@ -65,10 +65,10 @@ def lora_change(before: HyperLoRA, after: HyperLoRA, features: dict) -> float:
     worst = 0.0
     a, b = before.generate(**features), after.generate(**features)
     for branch, weights in a.items():
-        for path, (down, up) in weights.layers.items():
-            delta_a = up @ down
-            delta_b = b[branch].layers[path][1] @ b[branch].layers[path][0]
-            worst = max(worst, float((delta_b - delta_a).norm() / delta_a.norm().clamp_min(1e-12)))
+        for path in weights.layers:
+            for i in range(weights.batch_size):
+                delta_a, delta_b = weights.delta(path, i), b[branch].delta(path, i)
+                worst = max(worst, float((delta_b - delta_a).norm() / delta_a.norm().clamp_min(1e-12)))
     return worst
 
 

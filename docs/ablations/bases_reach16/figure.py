@@ -16,9 +16,9 @@ RUNS = {
 PEOPLE, PROMPTS = range(6), (1, 5)
 CELL = 128  # the eval grids' cell: two references, a gap, then the generations
 
+grid = Image.open("runs/reach16/zero_ft/grid_zero_ft_300.png")  # its first column holds each person's reference
 fig, axes = plt.subplots(len(PEOPLE), 1 + len(RUNS) * len(PROMPTS), figsize=(14, 2 * len(PEOPLE)))
 for row, person in zip(axes, PEOPLE):
-    grid = Image.open("runs/reach16/zero_ft/grid_zero_ft_300.png")
     row[0].imshow(grid.crop((0, CELL * person, CELL, CELL * (person + 1))))
     column = 1
     for prompt in PROMPTS:
