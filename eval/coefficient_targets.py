@@ -98,53 +98,57 @@ class TableGenerator(nn.Module):
         return self.hyperlora.assemble(self.tokens(self.rows), "id")
 
 
-def fit_table(checkpoint: str, cache: str, people: list[int], out: str | Path, *, steps: int = 1600, lr: float = 3e-2,
-              looks: int = 4, face_loss_weight: float = 9.0, seed: int = 0, pipeline: str = "data/toy/sdxl",
-              world: str = "toy", progress: bool = True) -> Path:  # fmt: skip
-    """Fit one row of ID tokens per person (see the module docstring); writes OUT/table.safetensors, OUT/log.jsonl.
-    Rows start at the resampler's coefficients of the person's first look. Resumes from OUT's table if present."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = load_base_pipeline(pipeline, world)  # the frozen base model the checkpoint was trained over
-    unet = pipe.unet.requires_grad_(False).eval()
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    data, _ = TrainingSet.load(Path(cache) / TRAINING_SET_FILE)
-    data = pool_of(data, people)
-    model = load_checkpoint(checkpoint, unet=unet, dtype=torch.float32).requires_grad_(False).eval()
-    first = first_images(data, people)
-    with torch.no_grad():
-        start = model.id_coefficients(clip=data.clip_id[first].float(), arcface=data.arcface[first].float())
-    used = data.valid.nonzero().squeeze(1)  # the Base coefficients of the pool's images only
-    base_rows = torch.zeros(len(data), dtype=torch.long)
-    base_rows[used] = torch.arange(len(used))
-    base = base_coefficient_table(model, data.clip_base[used])
-    generator = TableGenerator(model, start)
-    optimizer = torch.optim.SparseAdam(generator.table.parameters(), lr=lr)
-    done = 0
-    if (out / TABLE_FILE).is_file():  # resume: the rows and Adam's moments as saved (the batches continue by step)
-        saved = load_file(str(out / TABLE_FILE))
-        generator.table.weight.data.copy_(saved["raw"])
-        state = {k: saved[f"adam.{k}"] for k in ("exp_avg", "exp_avg_sq")}
-        optimizer.state[generator.table.weight] = {"step": int(saved["adam.step"]), **state}
-        done = int(saved["done"])
-        if (out / "log.jsonl").is_file():  # the lines logged after the saved rows are logged again
-            kept = [line for line in (out / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= done]
-            (out / "log.jsonl").write_text("".join(f"{line}\n" for line in kept))
-    row_of = torch.full((int(data.person.max()) + 1,), -1, dtype=torch.long)
-    row_of[torch.tensor(people)] = torch.arange(len(people))
+@dataclasses.dataclass
+class FitSetup:
+    """What a per-person fit over the training pool needs: the frozen UNet and scheduler, the pool of `people`, the
+    frozen HyperLoRA, each used image's frozen Base coefficients and each person's row."""
+
+    unet: nn.Module
+    scheduler: DDPMScheduler
+    data: TrainingSet
+    model: nn.Module
+    base: torch.Tensor  # [used images, Q, K]
+    base_rows: torch.Tensor  # training-set index -> row of `base`
+    row_of: torch.Tensor  # person id -> row of the fitted table (-1: not fitted)
+
+    @classmethod
+    def load(cls, checkpoint: str, cache: str, people: list[int], *, pipeline: str = "data/toy/sdxl",
+             world: str = "toy") -> FitSetup:  # fmt: skip
+        pipe = load_base_pipeline(pipeline, world)  # the frozen base model the checkpoint was trained over
+        unet = pipe.unet.requires_grad_(False).eval()
+        data, _ = TrainingSet.load(Path(cache) / TRAINING_SET_FILE)
+        data = pool_of(data, people)
+        model = load_checkpoint(checkpoint, unet=unet, dtype=torch.float32).requires_grad_(False).eval()
+        used = data.valid.nonzero().squeeze(1)  # the Base coefficients of the pool's images only
+        base_rows = torch.zeros(len(data), dtype=torch.long)
+        base_rows[used] = torch.arange(len(used))
+        row_of = torch.full((int(data.person.max()) + 1,), -1, dtype=torch.long)
+        row_of[torch.tensor(people)] = torch.arange(len(people))
+        return cls(unet, DDPMScheduler.from_config(pipe.scheduler.config), data, model,
+                   base_coefficient_table(model, data.clip_base[used]), base_rows, row_of)  # fmt: skip
+
+
+def fit_rows(setup: FitSetup, generator: nn.Module, optimizer, out: Path, save, *, steps: int, done: int, looks: int,
+             face_loss_weight: float, seed: int, desc: str = "fit rows", progress: bool = True) -> None:  # fmt: skip
+    """The fit loop: stage 3's case (a) loss over batches of `looks` looks per person, each person's row of
+    `generator` (its `rows` set per batch) making their ID-LoRA; OUT/log.jsonl every 20 steps, `save(step)` every
+    SAVE_EVERY. Resumed runs pass `done`: the batches continue by step and later log lines are dropped."""
+    if done and (out / "log.jsonl").is_file():  # the lines logged after the saved rows are logged again
+        kept = [line for line in (out / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= done]
+        (out / "log.jsonl").write_text("".join(f"{line}\n" for line in kept))
     stage = StageConfig(stage=3, case_probs=(1.0, 0.0, 0.0), targets_per_reference=looks,
                         face_loss_weight=face_loss_weight)  # fmt: skip
     run = TrainConfig(batch_size=16)
-    others = data.others()
+    data, others = setup.data, setup.data.others()
     began = time.perf_counter()
     with open(out / "log.jsonl", "a") as log:
-        for step in tqdm(range(done, steps), initial=done, total=steps, desc="fit rows", disable=not progress):
+        for step in tqdm(range(done, steps), initial=done, total=steps, desc=desc, disable=not progress):
             rng = torch.Generator().manual_seed(step_seed(seed, 3, step, 0, 0))
             batch = sample_batch(data, others, stage, run, rng)
-            batch["base_coefficients"] = base[base_rows[batch["index"]]]
-            generator.rows = row_of[batch["person"]]
-            loss, _ = stage_loss(generator, unet, scheduler, batch, stage, snr_gamma=run.snr_gamma, rng=rng,
-                                 has_base=True)  # fmt: skip
+            batch["base_coefficients"] = setup.base[setup.base_rows[batch["index"]]]
+            generator.rows = setup.row_of[batch["person"]]
+            loss, _ = stage_loss(generator, setup.unet, setup.scheduler, batch, stage, snr_gamma=run.snr_gamma,
+                                 rng=rng, has_base=True)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -153,7 +157,36 @@ def fit_table(checkpoint: str, cache: str, people: list[int], out: str | Path, *
                 log.write(json.dumps({"step": step + 1, "loss": float(loss), "s": seconds}) + "\n")
                 log.flush()
             if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
-                _save_table(out, generator, optimizer, people, start, step + 1, checkpoint)
+                save(step + 1)
+
+
+def fit_table(checkpoint: str, cache: str, people: list[int], out: str | Path, *, steps: int = 1600, lr: float = 3e-2,
+              looks: int = 4, face_loss_weight: float = 9.0, seed: int = 0, pipeline: str = "data/toy/sdxl",
+              world: str = "toy", progress: bool = True) -> Path:  # fmt: skip
+    """Fit one row of ID tokens per person (see the module docstring); writes OUT/table.safetensors, OUT/log.jsonl.
+    Rows start at the resampler's coefficients of the person's first look. Resumes from OUT's table if present."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = FitSetup.load(checkpoint, cache, people, pipeline=pipeline, world=world)
+    first = first_images(setup.data, people)
+    with torch.no_grad():
+        start = setup.model.id_coefficients(clip=setup.data.clip_id[first].float(),
+                                            arcface=setup.data.arcface[first].float())  # fmt: skip
+    generator = TableGenerator(setup.model, start)
+    optimizer = torch.optim.SparseAdam(generator.table.parameters(), lr=lr)
+    done = 0
+    if (out / TABLE_FILE).is_file():  # resume: the rows and Adam's moments as saved (the batches continue by step)
+        saved = load_file(str(out / TABLE_FILE))
+        generator.table.weight.data.copy_(saved["raw"])
+        state = {k: saved[f"adam.{k}"] for k in ("exp_avg", "exp_avg_sq")}
+        optimizer.state[generator.table.weight] = {"step": int(saved["adam.step"]), **state}
+        done = int(saved["done"])
+
+    def save(step: int) -> None:
+        _save_table(out, generator, optimizer, people, start, step, checkpoint)
+
+    fit_rows(setup, generator, optimizer, out, save, steps=steps, done=done, looks=looks,
+             face_loss_weight=face_loss_weight, seed=seed, progress=progress)  # fmt: skip
     return out / TABLE_FILE
 
 

@@ -46,3 +46,18 @@ def reference_features(model: HyperLoRA, n: int, seed: int = 0) -> dict:
 @pytest.fixture
 def pipe(tokenizer_dir):
     return tiny_pipeline(tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_stage3(tmp_path_factory):
+    """(a stage-3 toy checkpoint, its training pool folder) of 3 people x 2 looks, trained 2 steps."""
+    from hyperlora.train.config import resolve
+    from hyperlora.train.loop import train_stage
+
+    out = tmp_path_factory.mktemp("tiny_stage3")
+    run = {"num_identities": 3, "images_per_identity": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1,
+           "threads": 1}  # fmt: skip
+    config = resolve("toy", 3, run=run, stage_overrides={"steps": 2, "warmup_steps": 1})
+    model = train_stage(config, out / "stage3", cache_dir=out / "cache", progress=False)
+    (pool,) = (out / "cache").glob("train-*")
+    return str(model), str(pool)

@@ -8,21 +8,11 @@ from safetensors.torch import load_file
 
 from eval.coefficient_targets import TABLE_FILE, distill, fit_table, main, parse_people
 from hyperlora.checkpoint import load_checkpoint
-from hyperlora.train.config import resolve
-from hyperlora.train.loop import train_stage
-
-TINY_RUN = {"num_identities": 3, "images_per_identity": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1,
-            "threads": 1}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(a stage-3 checkpoint, its training pool folder) of 3 people x 2 looks, 2 steps."""
-    out = tmp_path_factory.mktemp("targets")
-    config = resolve("toy", 3, run=TINY_RUN, stage_overrides={"steps": 2, "warmup_steps": 1})
-    model = train_stage(config, out / "stage3", cache_dir=out / "cache", progress=False)
-    (pool,) = (out / "cache").glob("train-*")
-    return str(model), str(pool)
+def trained(tiny_stage3):
+    return tiny_stage3
 
 
 def _fit(trained, out, steps, **kw):
