@@ -219,18 +219,69 @@ def build_bases(checkpoint: str, folders: list[str], out: str | Path, *, hyper_d
     return summary
 
 
+@torch.no_grad()
+def fit_readout(checkpoint: str, cache: str, tables: list[str], out: str | Path, *, val_people: int = 16,
+                ridge: float = 1e-3) -> dict:  # fmt: skip
+    """The ID resampler's output projection refitted in closed form: ridge regression from its frozen trunk's last
+    latents (every look of every table person, plain and augmented features) onto that person's coefficient row, so
+    the resampler addresses new bases (`bases`) without a training run. The last `val_people` rows are held out.
+    Writes OUT/model, OUT/hyperlora and OUT/summary.json (mean per-token cosine of the predicted rows, train and held
+    out, and between different people's)."""
+    from .coefficient_targets import TRAINING_SET_FILE, TrainingSet, between, load_tables, row_cosine
+
+    out = Path(out)
+    people, targets, _ = load_tables(tables)
+    if not 0 < val_people < len(people):
+        raise ValueError(f"--val-people {val_people}: keep some of the {len(people)} table people on each side")
+    data, _ = TrainingSet.load(Path(cache) / TRAINING_SET_FILE)
+    model = load_checkpoint(checkpoint, dtype=torch.float32)
+    row_of = {int(p): i for i, p in enumerate(people)}
+    images = torch.tensor([i for i in data.valid.nonzero().squeeze(1).tolist() if int(data.person[i]) in row_of])
+    rows = torch.tensor([row_of[int(data.person[i])] for i in images])
+    head = model.resampler.proj_out
+    captured = []
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    for clip, arcface in ((data.clip_id, data.arcface), (data.clip_id_aug, data.arcface_aug)):
+        for chunk in images.split(256):
+            model.id_coefficients(clip=clip[chunk].float(), arcface=arcface[chunk].float())
+    hook.remove()
+    latents = torch.cat(captured)  # [2 * images, Q, dim]
+    rows = rows.repeat(2)
+    train = rows < len(people) - val_people
+    x = torch.cat([latents, torch.ones(*latents.shape[:2], 1)], -1)[train].flatten(0, 1).double()  # bias column
+    y = targets[rows[train]].flatten(0, 1).double()  # [N * Q, K]: unit rows; the output is normalised anyway
+    gram = x.T @ x
+    solution = torch.linalg.solve(
+        gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype), x.T @ y
+    )
+    head.weight.copy_(solution[:-1].T.float())
+    head.bias.copy_(solution[-1].float())
+    predicted = F.normalize(head(latents), dim=-1)
+    summary = {"people": len(people), "val_people": val_people, "ridge": ridge}
+    for name, mask in (("train", train), ("val", ~train)):
+        summary[f"{name}_cosine"] = float(row_cosine(predicted[mask], targets[rows[mask]]).mean())
+        summary[f"{name}_between"] = between(predicted[mask][:: 4 if name == "train" else 1][:256])
+    summary["between_rows"] = between(targets)
+    extra = {"readout_from": [str(t) for t in tables], "checkpoint": checkpoint, "ridge": ridge}
+    save_checkpoint(model, out / "model", extra=extra)
+    save_checkpoint(model, out / "hyperlora", dtype=torch.float16, extra=extra)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.lora_bases", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    fit, bases = sub.add_parser("fit"), sub.add_parser("bases")
-    for p in (fit, bases):
+    fit, bases, readout = sub.add_parser("fit"), sub.add_parser("bases"), sub.add_parser("readout")
+    for p in (fit, bases, readout):
         p.add_argument("--checkpoint", required=True, help="the HyperLoRA whose targets, rank and Base-LoRA are used")
         p.add_argument("--out", required=True)
-    fit.add_argument(
-        "--cache",
-        default="runs/train/toy_v1/cache/train-62b5f0b2d4a48a9d",
-        help="a training pool folder holding training_set.safetensors",
-    )
+    for p in (fit, readout):
+        p.add_argument(
+            "--cache",
+            default="runs/train/toy_v1/cache/train-62b5f0b2d4a48a9d",
+            help="a training pool folder holding training_set.safetensors",
+        )
     fit.add_argument("--people", required=True, help="training people: 'a:b' or '1,2,3'")
     fit.add_argument("--steps", type=int, default=1500)
     fit.add_argument("--lr", type=float, default=2e-3)
@@ -242,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     bases.add_argument("--loras", nargs="+", required=True, help="fit folders (their people in this order)")
     bases.add_argument("--hyper-dim", type=int, default=None, help="K (default: the checkpoint's; larger grows it)")
     bases.add_argument("--held-out", type=int, default=0, help="the last N fitted people stay out of the bases")
+    readout.add_argument("--tables", nargs="+", required=True, help="folders of `bases` (or coefficient fits)")
+    readout.add_argument("--val-people", type=int, default=16, help="the last N table people stay out of the fit")
+    readout.add_argument("--ridge", type=float, default=1e-3, help="times the mean diagonal of the Gram matrix")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "fit":
@@ -252,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cache {args.cache}: no {TRAINING_SET_FILE} (a pool made by `python -m hyperlora.train`)")
         fit_loras(args.checkpoint, args.cache, parse_people(args.people), args.out, steps=args.steps, lr=args.lr,
                   looks=args.looks, seed=args.seed, pipeline=args.pipeline, world=args.world)  # fmt: skip
+    elif args.command == "readout":
+        print(json.dumps(fit_readout(args.checkpoint, args.cache, args.tables, args.out, val_people=args.val_people,
+                                     ridge=args.ridge), indent=2))  # fmt: skip
     else:
         missing = [f for f in args.loras if not (Path(f) / LORAS_FILE).is_file()]
         if missing:

@@ -1,16 +1,27 @@
 """ID bases from per-person free LoRAs: the batched fit, its resume, and bases that reproduce the people's LoRAs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from eval.coefficient_targets import distill, load_tables
-from eval.lora_bases import LORAS_FILE, build_bases, delta_error, fit_loras, load_loras, main, principal_bases
+from eval.lora_bases import (
+    LORAS_FILE,
+    build_bases,
+    delta_error,
+    fit_loras,
+    fit_readout,
+    load_loras,
+    main,
+    principal_bases,
+)
 from hyperlora.checkpoint import load_checkpoint
 from hyperlora.config import HyperLoRAConfig
 from hyperlora.lora import LoRAWeights
+from hyperlora.train.data import TRAINING_SET_FILE, TrainingSet
 
 
 def _fit(tiny_stage3, out, steps, **kw):
@@ -76,6 +87,28 @@ def test_bases_built_from_the_loras_reproduce_them_and_change_only_the_id_bases(
     grown = build_bases(checkpoint, [str(fitted)], tmp_path / "g", hyper_dim=before.config.hyper_dim + 4)
     assert grown["hyper_dim"] == before.config.hyper_dim + 4 and grown["delta_error_unit_in_bases"] < 1e-3
     assert json.loads((tmp_path / "g" / "summary.json").read_text())["in_bases"] == 3
+
+
+def test_the_readout_refits_only_the_output_projection_towards_the_rows(tiny_stage3, fitted, tmp_path):
+    checkpoint, pool = tiny_stage3
+    build_bases(checkpoint, [str(fitted)], tmp_path / "b")
+    summary = fit_readout(str(tmp_path / "b" / "model"), pool, [str(tmp_path / "b")], tmp_path / "r", val_people=1)
+    before, after = load_checkpoint(tmp_path / "b" / "model"), load_checkpoint(tmp_path / "r" / "model")
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    changed = {k for k in b if not torch.equal(b[k], a[k])}
+    assert changed == {"resampler.proj_out.weight", "resampler.proj_out.bias"}
+    _, rows, _ = load_tables([str(tmp_path / "b")])
+    data, _ = TrainingSet.load(Path(pool) / TRAINING_SET_FILE)
+    chosen = (data.person < 2) & data.valid
+    with torch.no_grad():
+        old, new = (m.id_coefficients(clip=data.clip_id[chosen].float(), arcface=data.arcface[chosen].float())
+                    for m in (before, after))  # fmt: skip
+    target = rows[data.person[chosen]]
+    cosine = lambda x: torch.nn.functional.cosine_similarity(x, target, dim=-1).mean()
+    assert cosine(new) > cosine(old) + 0.05, "the refitted readout predicts the training people's rows better"
+    assert -1 <= summary["val_cosine"] <= 1 and summary["people"] == 3
+    with pytest.raises(ValueError, match="--val-people"):
+        fit_readout(str(tmp_path / "b" / "model"), pool, [str(tmp_path / "b")], tmp_path / "x", val_people=3)
 
 
 def test_bad_arguments_are_refused(tiny_stage3, fitted, tmp_path):

@@ -1,6 +1,7 @@
 """Val people 0-5, seed 0: the reference, then per prompt zero-shot | coefficients fitted (coef_ft@100) | free rank-8 LoRA (zero_ft@300).
 
 python docs/ablations/bases_reach16/figure.py OUT.png  (reads the eval.run image folders under runs/)
+python docs/ablations/bases_reach16/figure.py OUT.png "LABEL=RUN:VARIANT" ...  (other columns, same people)
 """
 
 import sys
@@ -13,6 +14,8 @@ RUNS = {
     "coef_ft@100": ("runs/reach16/coefft_b1", "coef_ft@100"),
     "free LoRA@300": ("runs/reach16/zero_ft", "zero_ft@300"),
 }
+if len(sys.argv) > 2:
+    RUNS = {arg.split("=", 1)[0]: tuple(arg.split("=", 1)[1].rsplit(":", 1)) for arg in sys.argv[2:]}
 PEOPLE, PROMPTS = range(6), (1, 5)
 CELL = 128  # the eval grids' cell: two references, a gap, then the generations
 
