@@ -272,10 +272,16 @@ def distill(checkpoint: str, cache: str, tables: list[str], out: str | Path, *, 
             loss.backward()
             optimizer.step()
     extra = {"distilled_from": [str(t) for t in tables], "checkpoint": checkpoint, "steps": steps, "lr": lr}
+    save_result(model, out, extra, summary)
+    return summary
+
+
+def save_result(model, out: Path, extra: dict, summary: dict) -> None:
+    """A diagnostic's HyperLoRA as OUT/model (float32, a start for training) and OUT/hyperlora (fp16, for
+    `eval.run --checkpoint`), with `extra` in both configs, and its figures as OUT/summary.json."""
     save_hyperlora(model, out / "model", extra=extra)
     save_hyperlora(model, out / "hyperlora", dtype=torch.float16, extra=extra)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hyperlora.checkpoint import load_checkpoint, save_checkpoint
+from hyperlora.checkpoint import load_checkpoint
 from hyperlora.config import TOKENS_PER_MODULE, HyperLoRAConfig
 from hyperlora.finetune import zero_lora
 from hyperlora.lora import LoRAWeights
 from hyperlora.targets import LAYER_KEYS
 
-from .coefficient_targets import TABLE_FILE, FitSetup, fit_rows, parse_people
+from .coefficient_targets import TABLE_FILE, FitSetup, fit_rows, parse_people, save_result
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +205,7 @@ def build_bases(checkpoint: str, folders: list[str], out: str | Path, *, hyper_d
         if held_out:
             summary[f"delta_error_{name}_held_out"] = float(error[fitted:].mean())
     extra = {"bases_from_loras": [str(f) for f in folders], "checkpoint": checkpoint, "held_out": held_out}
-    save_checkpoint(model, out / "model", extra=extra)
-    save_checkpoint(model, out / "hyperlora", dtype=torch.float16, extra=extra)
+    save_result(model, out, extra, summary)
     table = {
         "people": people,
         "tokens": tokens,
@@ -215,7 +214,6 @@ def build_bases(checkpoint: str, folders: list[str], out: str | Path, *, hyper_d
         "done": torch.tensor(0),
     }
     save_file({k: v.contiguous() for k, v in table.items()}, str(out / TABLE_FILE), metadata={"checkpoint": str(out)})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -262,10 +260,9 @@ def fit_readout(checkpoint: str, cache: str, tables: list[str], out: str | Path,
         summary[f"{name}_cosine"] = float(row_cosine(predicted[mask], targets[rows[mask]]).mean())
         summary[f"{name}_between"] = between(predicted[mask][:: 4 if name == "train" else 1][:256])
     summary["between_rows"] = between(targets)
-    extra = {"readout_from": [str(t) for t in tables], "checkpoint": checkpoint, "ridge": ridge}
-    save_checkpoint(model, out / "model", extra=extra)
-    save_checkpoint(model, out / "hyperlora", dtype=torch.float16, extra=extra)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_result(
+        model, out, {"readout_from": [str(t) for t in tables], "checkpoint": checkpoint, "ridge": ridge}, summary
+    )
     return summary
 
 
