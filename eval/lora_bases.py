@@ -39,12 +39,27 @@ from hyperlora.config import TOKENS_PER_MODULE, HyperLoRAConfig
 from hyperlora.finetune import zero_lora
 from hyperlora.lora import LoRAWeights
 from hyperlora.targets import LAYER_KEYS
+from hyperlora.train.data import TRAINING_SET_FILE, TrainingSet
 
-from .coefficient_targets import TABLE_FILE, FitSetup, fit_rows, parse_people, save_result
+from .coefficient_targets import (
+    TABLE_FILE,
+    FitSetup,
+    between,
+    fit_rows,
+    load_tables,
+    parse_people,
+    row_cosine,
+    save_result,
+)
 
 logger = logging.getLogger(__name__)
 
 LORAS_FILE = "loras.safetensors"
+
+
+def split_row(rows: torch.Tensor, rank: int, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows [P, r * in + out * r] -> (lora_down [P, r, in], lora_up [P, out, r])."""
+    return rows[:, : rank * fan_in].view(-1, rank, fan_in), rows[:, rank * fan_in :].view(-1, fan_out, rank)
 
 
 class FreeLoRATable(nn.Module):
@@ -66,14 +81,10 @@ class FreeLoRATable(nn.Module):
         self.rows: torch.Tensor | None = None
 
     def loras(self, rows: torch.Tensor) -> LoRAWeights:
-        layers = {}
-        for (path, (fan_in, fan_out)), table in zip(self.shapes.items(), self.tables):
-            weights = table(rows)
-            split = self.rank * fan_in
-            layers[path] = (
-                weights[:, :split].view(-1, self.rank, fan_in),
-                weights[:, split:].view(-1, fan_out, self.rank),
-            )
+        layers = {
+            path: split_row(table(rows), self.rank, *shape)
+            for (path, shape), table in zip(self.shapes.items(), self.tables)
+        }
         return LoRAWeights(layers, self.rank, HyperLoRAConfig.alpha(self.rank))
 
     def forward(self, *, branch: str, clip=None, arcface=None) -> LoRAWeights:
@@ -130,8 +141,7 @@ def load_loras(folders: list[str], hyperlora) -> tuple[torch.Tensor, dict[str, t
         if raw.shape[1] != rank * (fan_in + fan_out):
             raise ValueError(f"{folders}: table {i} has rows of {raw.shape[1]}, {target.linear_path(key)} of this "
                              f"checkpoint needs {rank * (fan_in + fan_out)} (fitted over another checkpoint?)")  # fmt: skip
-        split = rank * fan_in
-        loras[target.linear_path(key)] = (raw[:, :split].view(-1, rank, fan_in), raw[:, split:].view(-1, fan_out, rank))
+        loras[target.linear_path(key)] = split_row(raw, rank, fan_in, fan_out)
     return torch.cat([p["people"] for p in parts]), loras
 
 
@@ -225,8 +235,6 @@ def fit_readout(checkpoint: str, cache: str, tables: list[str], out: str | Path,
     the resampler addresses new bases (`bases`) without a training run. The last `val_people` rows are held out.
     Writes OUT/model, OUT/hyperlora and OUT/summary.json (mean per-token cosine of the predicted rows, train and held
     out, and between different people's)."""
-    from .coefficient_targets import TRAINING_SET_FILE, TrainingSet, between, load_tables, row_cosine
-
     out = Path(out)
     people, targets, _ = load_tables(tables)
     if not 0 < val_people < len(people):
@@ -256,9 +264,11 @@ def fit_readout(checkpoint: str, cache: str, tables: list[str], out: str | Path,
     head.bias.copy_(solution[-1].float())
     predicted = F.normalize(head(latents), dim=-1)
     summary = {"people": len(people), "val_people": val_people, "ridge": ridge}
+    first_look = torch.zeros(len(rows), dtype=torch.bool)  # one row a person (plain features) for `between`
+    first_look[: len(images)] = torch.cat([torch.tensor([True]), rows[1 : len(images)] != rows[: len(images) - 1]])
     for name, mask in (("train", train), ("val", ~train)):
         summary[f"{name}_cosine"] = float(row_cosine(predicted[mask], targets[rows[mask]]).mean())
-        summary[f"{name}_between"] = between(predicted[mask][:: 4 if name == "train" else 1][:256])
+        summary[f"{name}_between"] = between(predicted[mask & first_look])
     summary["between_rows"] = between(targets)
     save_result(
         model, out, {"readout_from": [str(t) for t in tables], "checkpoint": checkpoint, "ridge": ridge}, summary
@@ -295,12 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     readout.add_argument("--ridge", type=float, default=1e-3, help="times the mean diagonal of the Gram matrix")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.command != "bases" and not (Path(args.cache) / TRAINING_SET_FILE).is_file():
+        parser.error(f"--cache {args.cache}: no {TRAINING_SET_FILE} (a pool made by `python -m hyperlora.train`)")
     if args.command == "fit":
         torch.set_num_threads(args.threads)
-        from .coefficient_targets import TRAINING_SET_FILE
-
-        if not (Path(args.cache) / TRAINING_SET_FILE).is_file():
-            parser.error(f"--cache {args.cache}: no {TRAINING_SET_FILE} (a pool made by `python -m hyperlora.train`)")
         fit_loras(args.checkpoint, args.cache, parse_people(args.people), args.out, steps=args.steps, lr=args.lr,
                   looks=args.looks, seed=args.seed, pipeline=args.pipeline, world=args.world)  # fmt: skip
     elif args.command == "readout":
