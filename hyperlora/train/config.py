@@ -50,6 +50,12 @@ class StageConfig:
     # kohya's sd-scripts `--masked_loss`). 0: the paper's plain loss (facts §5.2: "no extra regulariser")
     max_timestep: int = 0  # timesteps drawn from [0, this) instead of every training timestep: the lower-noise
     # steps, where a face's details are drawn, take the whole batch. 0: all (the paper's plain loss)
+    id_loss_weight: float = 0.0  # stages 2-3 (stage 1 ignores it): + this x (1 - cosine) between a recogniser's
+    # embeddings of the face the prediction implies and of the image's own face, on case (a) samples
+    # (`train.identity_loss`; needs TrainConfig.id_recognizer). A departure from the paper (PuLID's identity
+    # loss); 0: the paper's loss
+    id_loss_max_timestep: int = 400  # the identity loss reads samples below this timestep only: the one-step x0
+    # estimate of a noisier latent is too blurred to hold a face
 
     def __post_init__(self):
         self.train_groups, self.id_inputs = tuple(self.train_groups), tuple(self.id_inputs)
@@ -67,6 +73,9 @@ class StageConfig:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.face_loss_weight < 0:
             raise ValueError(f"face_loss_weight must be >= 0, got {self.face_loss_weight}")
+        if self.id_loss_weight < 0 or self.id_loss_max_timestep < 1:
+            raise ValueError(f"id_loss_weight must be >= 0 and id_loss_max_timestep >= 1, got {self.id_loss_weight}, "
+                             f"{self.id_loss_max_timestep}")  # fmt: skip
         if self.max_timestep < 0:
             raise ValueError(f"max_timestep must be >= 0 (0: every training timestep), got {self.max_timestep}")
         if self.targets_per_reference < 1:
@@ -105,6 +114,9 @@ class TrainConfig:
     images_per_identity: int = 4  # looks per person; "other" references come from the same person's looks
     cache_dir: str = ""  # where the encoded training pools are cached; "": beside the run (RUN/cache)
     data_seed: int = 1  # render seed of the pool (the toy UNet trained on seed 0: other looks of its people)
+    id_recognizer: str = ""  # the identity loss's recogniser (StageConfig.id_loss_weight): a safetensors file of
+    # `hyperlora.toy.faces` trained on box crops (`--recognizer.crop '"box"'`), best another than the judge's.
+    # Both worlds read this format; no differentiable antelopev2 ships (it is ONNX)
     # Optimisation.
     batch_size: int = 16  # per process, per accumulation step
     grad_accum: int = 1  # gradient accumulation steps per optimiser step

@@ -38,7 +38,7 @@ from ..targets import find_targets
 from ..toy.cards import git_commit
 from .config import RunConfig
 from .data import TRAINING_SET_FILE, TrainingSet, fixed_batch, sample_batch, step_seed
-from .losses import LoRAGenerator, base_coefficient_table, reference_gap, stage_loss
+from .losses import IdentityTerm, LoRAGenerator, base_coefficient_table, reference_gap, stage_loss
 from .params import optimizer_groups, select_trainable, zero_new_paths
 from .resume import latest_checkpoint, save_checkpoint
 
@@ -151,6 +151,7 @@ class Trainer:
     schedule: torch.optim.lr_scheduler.LRScheduler
     ema: EMAModel | None
     base_table: torch.Tensor | None = None  # stages 2-3: the frozen Base coefficients of every training image
+    identity: IdentityTerm | None = None  # the identity loss's frozen recogniser and VAE (StageConfig.id_loss_weight)
 
     @property
     def has_base(self) -> bool:
@@ -170,7 +171,8 @@ class Trainer:
             with accelerator.no_sync(self.module) if not last else contextlib.nullcontext():
                 with accelerator.autocast():
                     loss, stats = stage_loss(self.module, self.unet, self.scheduler, batch, stage, rng=rng,
-                                             snr_gamma=run.snr_gamma, has_base=self.has_base)  # fmt: skip
+                                             snr_gamma=run.snr_gamma, has_base=self.has_base,
+                                             identity=self.identity)  # fmt: skip
                 accelerator.backward(loss / run.grad_accum)
         grad_norm = accelerator.clip_grad_norm_(self.params, run.grad_clip)
         self.optimizer.step()
@@ -179,6 +181,18 @@ class Trainer:
         if self.ema is not None:
             self.ema.step(self.params)
         return {"loss": float(loss.detach()), **stats, "grad_norm": float(grad_norm)}
+
+
+def load_identity_term(run, pipe, device) -> IdentityTerm:
+    """The identity loss's frozen parts: the recogniser of `run.id_recognizer` and the base model's VAE."""
+    if not run.id_recognizer:
+        raise ValueError("id_loss_weight > 0 needs --id-recognizer: a recogniser trained on box crops "
+                         "(python -m hyperlora.toy.faces --stages recognizer --recognizer.crop '\"box\"')")  # fmt: skip
+    # one recogniser format for both worlds (TrainConfig.id_recognizer: no differentiable antelopev2 ships)
+    from ..toy.face_recognizer import load_box_embedder
+
+    vae = pipe.vae.requires_grad_(False).eval().to(device)
+    return IdentityTerm(load_box_embedder(run.id_recognizer).to(device), vae, float(vae.config.scaling_factor))
 
 
 def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir: str | Path,
@@ -216,8 +230,9 @@ def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir:
         else:
             logger.info("Base coefficients of %d images would take %.1f GB: the Base resampler runs per batch instead",
                         len(data), size / 1e9)  # fmt: skip
+    identity = load_identity_term(run, pipe, accelerator.device) if stage.stage > 1 and stage.id_loss_weight else None
     return Trainer(config, accelerator, unet, scheduler, data, data.others(), val, module, params, optimizer,
-                   schedule, ema, base_table)  # fmt: skip
+                   schedule, ema, base_table, identity)  # fmt: skip
 
 
 def _log_line(window: list[dict], step: int, seconds: float, trainer: Trainer) -> dict:

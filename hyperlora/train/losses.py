@@ -13,6 +13,7 @@ student and the teacher, so (b) is exactly zero when the ID-LoRA is zero.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from ..diffusion import noisy_inputs, snr_weights
 from ..hypernet import HyperLoRA
 from ..lora import LoRAWeights, functional_lora
 from .config import StageConfig
+from .identity_loss import FaceEmbedder, identity_loss
 
 CASES = ("a", "b", "c")
 
@@ -69,9 +71,20 @@ def _unet(unet, noisy, timesteps, batch, rows=None) -> torch.Tensor:
     return unet(pick(noisy), pick(timesteps), pick(batch["encoder_hidden_states"]), added_cond_kwargs=added).sample
 
 
+@dataclass
+class IdentityTerm:
+    """What the identity loss needs besides the batch: the frozen recogniser and VAE (`train.identity_loss`)."""
+
+    embedder: FaceEmbedder
+    vae: nn.Module
+    scaling_factor: float
+
+
 def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batch: dict, stage: StageConfig, *,
-               snr_gamma: float | None, rng: torch.Generator, has_base: bool) -> tuple[torch.Tensor, dict]:  # fmt: skip
-    """The loss of one batch and, per case, its mean (for the log)."""
+               snr_gamma: float | None, rng: torch.Generator, has_base: bool,
+               identity: IdentityTerm | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """The loss of one batch and, per case, its mean (for the log); with `identity` and stage.id_loss_weight, the
+    identity loss is added on the case (a) samples below stage.id_loss_max_timestep (logged as loss_id)."""
     noisy, timesteps, target = noisy_inputs(scheduler, batch["latents"], rng, stage.max_timestep)
     weights = snr_weights(scheduler, timesteps, snr_gamma)
     case = batch["case"].to(noisy.device)
@@ -110,6 +123,17 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
     error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(1)  # [B, h, w]
     per_sample = (error * face_weights(batch, error.shape[-2:], stage.face_loss_weight)).flatten(1).mean(1) * weights
     stats = {f"loss_{name}": float(per_sample[case == k].detach().mean()) for k, name in enumerate(CASES) if (case == k).any()}
+    if stage.stage > 1 and stage.id_loss_weight and identity is not None:
+        has_box = ~batch["face_box"].isnan().any(1).to(case.device) if "face_box" in batch else None
+        if has_box is None:
+            raise ValueError("id_loss_weight > 0 needs the training set's face boxes: prepare the set again")
+        rows = ((case == 0) & (timesteps < stage.id_loss_max_timestep) & has_box).nonzero().squeeze(1)
+        if len(rows):
+            term = identity_loss(identity.embedder, identity.vae, identity.scaling_factor,
+                                 clean=batch["latents"][rows], noisy=noisy[rows], timesteps=timesteps[rows],
+                                 prediction=prediction[rows], boxes=batch["face_box"][rows], scheduler=scheduler)  # fmt: skip
+            per_sample = per_sample.index_add(0, rows, stage.id_loss_weight * term)
+            stats["loss_id"] = float(term.detach().mean())
     return per_sample.mean(), stats
 
 

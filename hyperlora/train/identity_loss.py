@@ -1,0 +1,82 @@
+"""An identity loss beside the diffusion loss: a departure from the paper, measured as one.
+
+HyperLoRA trains with the diffusion loss alone (facts §5.2). PuLID (Guo et al. 2024) adds an identity loss: the
+generated face, embedded by a face recogniser, should match the person's embedding. Here, for the case (a)
+samples of a batch at low noise (timestep < `StageConfig.id_loss_max_timestep`), the UNet's prediction gives its
+estimate of the clean latents x0 in one step (exact algebra of the noise schedule), the frozen VAE decodes it, a
+frozen recogniser embeds the face cut from the training image's known face box, and the loss is 1 - cosine to the
+same recogniser's embedding of the training image itself. Gradients flow through the decoder and the recogniser
+into the generated LoRA; neither of them trains.
+
+The recogniser reads square crops around the face box (`box_crops`), not insightface's keypoint alignment: the
+training set keeps face boxes, and a crop made by `affine_grid` is differentiable. It should be another model than
+the judge of the evaluation, so that a gain is not the judge fooled: the toy world trains one with another seed on
+box crops (`python -m hyperlora.toy.faces --stages recognizer --recognizer.crop '"box"'`); the sdxl world has no
+differentiable recogniser shipped (antelopev2 is ONNX), and any torch module saved the same way can serve.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
+
+
+def box_crops(pixels: torch.Tensor, boxes: torch.Tensor, size: int, expand: float) -> torch.Tensor:
+    """Square crops [B, C, size, size] of `pixels` [B, C, H, W] around `boxes` [B, 4] (x1, y1, x2, y2 as fractions
+    of the width and height): centred on the box, side `expand` x its longer edge in pixels, bilinear, zeros
+    outside the image. Differentiable in `pixels`."""
+    if boxes.shape != (len(pixels), 4):
+        raise ValueError(f"boxes must be [B, 4] for {len(pixels)} images, got {tuple(boxes.shape)}")
+    h, w = pixels.shape[-2:]
+    boxes = boxes.to(pixels.device, torch.float32)
+    side = expand * torch.maximum((boxes[:, 2] - boxes[:, 0]) * w, (boxes[:, 3] - boxes[:, 1]) * h)  # pixels
+    theta = torch.zeros(len(pixels), 2, 3, device=pixels.device)
+    theta[:, 0, 0], theta[:, 1, 1] = side / w, side / h  # output [-1, 1] spans `side` pixels
+    theta[:, 0, 2] = boxes[:, 0] + boxes[:, 2] - 1  # the box centre in [-1, 1]
+    theta[:, 1, 2] = boxes[:, 1] + boxes[:, 3] - 1
+    grid = F.affine_grid(theta, [len(pixels), pixels.shape[1], size, size], align_corners=False)
+    return F.grid_sample(pixels.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class FaceEmbedder(nn.Module):
+    """A frozen recogniser on box crops: pixels [B, 3, H, W] RGB in [-1, 1] and face boxes -> unit embeddings."""
+
+    def __init__(self, recognizer: nn.Module, *, crop_size: int, expand: float):
+        super().__init__()
+        self.recognizer = recognizer.eval().requires_grad_(False)
+        self.crop_size, self.expand = crop_size, expand
+
+    def forward(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.recognizer(box_crops(pixels, boxes, self.crop_size, self.expand)), dim=-1)
+
+
+def predicted_x0(scheduler: DDPMScheduler, noisy: torch.Tensor, timesteps: torch.Tensor,
+                 prediction: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The clean latents a prediction implies: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) for epsilon, and
+    x0 = sqrt(a) x_t - sqrt(1 - a) v for v-prediction (a: alpha_bar at the timestep)."""
+    alpha = scheduler.alphas_cumprod.to(noisy.device, torch.float32)[timesteps].view(-1, 1, 1, 1)
+    noisy, prediction = noisy.float(), prediction.float()
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (noisy - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
+    if kind == "v_prediction":
+        return alpha.sqrt() * noisy - (1 - alpha).sqrt() * prediction
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
+
+
+def decode(vae, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """Latents (scaled, as the UNet sees them) -> pixels [B, 3, H, W] in about [-1, 1]."""
+    return vae.decode((latents / scaling_factor).to(vae.dtype)).sample.float()
+
+
+def identity_loss(embedder: FaceEmbedder, vae, scaling_factor: float, *, clean: torch.Tensor, noisy: torch.Tensor,
+                  timesteps: torch.Tensor, prediction: torch.Tensor, boxes: torch.Tensor,
+                  scheduler: DDPMScheduler) -> torch.Tensor:  # fmt: skip
+    """Per sample, 1 - cosine between the recogniser's embedding of the face the prediction implies and of the
+    training image's own face (decoded from its clean latents, no gradient)."""
+    with torch.no_grad():
+        goal = embedder(decode(vae, clean, scaling_factor), boxes)
+    made = embedder(decode(vae, predicted_x0(scheduler, noisy, timesteps, prediction), scaling_factor), boxes)
+    return 1 - (made * goal).sum(-1)

@@ -1,0 +1,108 @@
+"""The identity loss (a departure from the paper): box crops, the one-step x0, a box recogniser, the stage loss term."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from hyperlora.diffusion import noisy_inputs
+from hyperlora.toy.face_recognizer import RecognizerTrainConfig, box_verification, fit_recognizer, load_box_embedder
+from hyperlora.toy.faces import FaceEvalConfig, _save_weights
+from hyperlora.train.config import resolve
+from hyperlora.train.identity_loss import box_crops, identity_loss, predicted_x0
+from hyperlora.train.losses import LoRAGenerator, stage_loss
+
+TINY_RUN = {"num_identities": 3, "images_per_identity": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1,
+            "threads": 1}  # fmt: skip
+
+
+def test_box_crops_cut_the_box_and_pass_gradients_only_from_inside_it():
+    pixels = torch.zeros(1, 3, 32, 32, requires_grad=True)
+    with torch.no_grad():
+        pixels[:, :, 8:16, 8:16] = 1.0  # a white square exactly where the box is
+    box = torch.tensor([[0.25, 0.25, 0.5, 0.5]])
+    crop = box_crops(pixels, box, size=16, expand=1.0)
+    assert crop.shape == (1, 3, 16, 16) and crop[..., 2:14, 2:14].min() > 0.99, "expand 1 cuts the box itself"
+    wide = box_crops(pixels, box, size=16, expand=2.0)
+    assert wide[..., :3, :].abs().max() < 1e-6 and wide[..., 6:10, 6:10].min() > 0.99, "expand 2: the box in the middle"
+    crop.sum().backward()
+    grad = pixels.grad[0, 0]
+    assert grad[8:16, 8:16].abs().sum() > 0 and grad[:6].abs().sum() == 0 and grad[20:].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"boxes must be \[B, 4\]"):
+        box_crops(pixels, torch.zeros(2, 4), size=16, expand=1.0)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_predicted_x0_gives_the_clean_latents_back_from_the_true_target(kind):
+    scheduler = DDPMScheduler(prediction_type=kind)
+    latents = torch.randn(6, 4, 8, 8)
+    noisy, timesteps, target = noisy_inputs(scheduler, latents, torch.Generator().manual_seed(0))
+    assert torch.allclose(predicted_x0(scheduler, noisy, timesteps, target), latents, atol=2e-3)
+    assert not torch.allclose(predicted_x0(scheduler, noisy, timesteps, target + 0.1), latents, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def box_recognizer(tmp_path_factory):
+    config = RecognizerTrainConfig.smoke(crop="box")
+    model, _ = fit_recognizer(config)
+    path = tmp_path_factory.mktemp("faces") / "recognizer.safetensors"
+    _save_weights(model, config, path)
+    return path
+
+
+def test_a_box_recogniser_loads_as_the_embedder_and_a_keypoint_one_is_refused(box_recognizer, tmp_path):
+    embedder = load_box_embedder(box_recognizer)
+    embeddings = embedder(torch.rand(3, 3, 64, 64) * 2 - 1, torch.tensor([[0.3, 0.3, 0.7, 0.7]] * 3))
+    assert embeddings.shape == (3, 16) and torch.allclose(embeddings.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert not any(p.requires_grad for p in embedder.parameters()), "the recogniser stays frozen"
+    figures = box_verification(box_recognizer, config=FaceEvalConfig(identities=3, images_per_identity=2))
+    assert figures["genuine_pairs"] == 3 and figures["impostor_pairs"] == 12 and 0 <= figures["best_accuracy"] <= 1
+    config = RecognizerTrainConfig.smoke()
+    model, _ = fit_recognizer(config)
+    _save_weights(model, config, tmp_path / "kps.safetensors")
+    with pytest.raises(ValueError, match="reads box crops"):
+        load_box_embedder(tmp_path / "kps.safetensors")
+    with pytest.raises(FileNotFoundError, match="no recogniser file"):
+        load_box_embedder(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="crop must be"):
+        RecognizerTrainConfig(crop="eyes")
+
+
+def test_the_identity_loss_is_added_on_case_a_samples_below_its_timestep(box_recognizer, tmp_path):
+    from hyperlora.train.data import sample_batch
+    from hyperlora.train.loop import setup_stage
+
+    with pytest.raises(ValueError, match="--id-recognizer"):
+        setup_stage(resolve("toy", 3, run=TINY_RUN, stage_overrides={"id_loss_weight": 1.0}), cache_dir=tmp_path,
+                    progress=False)  # fmt: skip
+    config = resolve("toy", 3, run={**TINY_RUN, "id_recognizer": str(box_recognizer)},
+                     stage_overrides={"id_loss_weight": 1.0, "id_loss_max_timestep": 1000, "case_probs": (1, 0, 0)})
+    trainer = setup_stage(config, cache_dir=tmp_path, progress=False)
+    assert trainer.identity is not None
+    model = trainer.accelerator.unwrap_model(trainer.module).hyperlora
+    with torch.no_grad():
+        model.randomize_up_bases(0.05)
+    batch = sample_batch(trainer.data, trainer.others, config.stage, config.run, torch.Generator().manual_seed(0))
+
+    def loss(stage, identity, **changes):
+        return stage_loss(LoRAGenerator(model), trainer.unet, trainer.scheduler, {**batch, **changes}, stage, snr_gamma=None,
+                          rng=torch.Generator().manual_seed(1), has_base=True, identity=identity)  # fmt: skip
+
+    with_id, stats = loss(config.stage, trainer.identity)
+    plain, plain_stats = loss(config.stage, None)
+    assert "loss_id" in stats and "loss_id" not in plain_stats and 0 < stats["loss_id"] <= 2
+    assert float(with_id.detach()) == pytest.approx(float(plain) + stats["loss_id"], rel=1e-4), "every sample is case (a)"
+    _, none_below = loss(dataclasses.replace(config.stage, id_loss_max_timestep=1), trainer.identity)
+    assert "loss_id" not in none_below, "no sample of this batch drew timestep 0"
+    _, case_b = loss(config.stage, trainer.identity, case=torch.ones_like(batch["case"]))
+    assert "loss_id" not in case_b, "cases (b) and (c) match a teacher, not the image: no identity loss"
+    with_id.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.resampler.parameters())
+
+    # the prediction that is the true target implies the image itself: the loss is zero
+    noisy, timesteps, target = noisy_inputs(trainer.scheduler, batch["latents"], torch.Generator().manual_seed(2), 300)
+    exact = identity_loss(trainer.identity.embedder, trainer.identity.vae, trainer.identity.scaling_factor,
+                          clean=batch["latents"], noisy=noisy, timesteps=timesteps, prediction=target,
+                          boxes=batch["face_box"], scheduler=trainer.scheduler)  # fmt: skip
+    assert exact.abs().max() < 1e-3
