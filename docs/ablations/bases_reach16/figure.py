@@ -19,7 +19,9 @@ if len(sys.argv) > 2:
 PEOPLE, PROMPTS = range(6), (1, 5)
 CELL = 128  # the eval grids' cell: two references, a gap, then the generations
 
-grid = Image.open("runs/reach16/zero_ft/grid_zero_ft_300.png")  # its first column holds each person's reference
+# an eval grid's first column holds each person's reference: the first column's run's grid
+first_run, first_variant = next(iter(RUNS.values()))
+grid = Image.open(f"{first_run}/grid_{first_variant.replace('@', '_')}.png")
 fig, axes = plt.subplots(len(PEOPLE), 1 + len(RUNS) * len(PROMPTS), figsize=(14, 2 * len(PEOPLE)))
 for row, person in zip(axes, PEOPLE):
     row[0].imshow(grid.crop((0, CELL * person, CELL, CELL * (person + 1))))

@@ -4,7 +4,8 @@
 #   run.sh recognizer   a second toy recogniser on box crops, seed 1 (the loss's; the judge stays the shipped one)
 #   run.sh control      1,000 more stage-3 steps from the shipped checkpoint, the paper's loss (lr 1e-4)
 #   run.sh idloss W     the same with the identity loss at weight W
-#   run.sh eval NAME CK 16 val people, prompts 0, 1, 5, 9 x 2 seeds, weight 2.5: own and next person's references
+#   run.sh eval NAME CK [W]  16 val people, prompts 0, 1, 5, 9 x 2 seeds, ID weight W (2.5): own and next
+#                       person's references
 set -e
 cd /work/main && source .venv/bin/activate
 export OMP_NUM_THREADS=1 PYTHONPATH=/work/main
@@ -19,7 +20,7 @@ case "$1" in
   idloss) $TRAIN --id-loss-weight "$2" --id-recognizer $R/faces_box/recognizer.safetensors --out $R/id_w$2 \
             > $R/id_w$2.log 2>&1 ;;
   eval) python -m eval.run --world toy --checkpoint "$3" --split val --num-identities 16 --prompts 0,1,5,9 \
-          --seeds-per-prompt 2 --id-scale 2.5 --methods hyperlora,hyperlora_other --out $R/eval_$2 \
+          --seeds-per-prompt 2 --id-scale "${4:-2.5}" --methods hyperlora,hyperlora_other --out $R/eval_$2 \
           > $R/eval_$2.log 2>&1 ;;
-  *) echo "usage: run.sh recognizer | control | idloss W | eval NAME CHECKPOINT" >&2; exit 2 ;;
+  *) echo "usage: run.sh recognizer | control | idloss W | eval NAME CHECKPOINT [ID_WEIGHT]" >&2; exit 2 ;;
 esac
