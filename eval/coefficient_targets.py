@@ -42,7 +42,7 @@ from hyperlora.checkpoint import save_checkpoint as save_hyperlora
 from hyperlora.train.config import StageConfig, TrainConfig
 from hyperlora.train.data import TRAINING_SET_FILE, TrainingSet, sample_batch, step_seed
 from hyperlora.train.loop import load_base_pipeline
-from hyperlora.train.losses import base_coefficient_table, coefficient_cosine, stage_loss
+from hyperlora.train.losses import IdentityTerm, base_coefficient_table, coefficient_cosine, stage_loss
 from hyperlora.train.params import select_trainable
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class FitSetup:
     base: torch.Tensor  # [used images, Q, K]
     base_rows: torch.Tensor  # training-set index -> row of `base`
     row_of: torch.Tensor  # person id -> row of the fitted table (-1: not fitted)
+    vae: nn.Module | None = None  # the frozen VAE (the identity loss decodes through it)
 
     @classmethod
     def load(cls, checkpoint: str, cache: str, people: list[int], *, pipeline: str = "data/toy/sdxl",
@@ -125,20 +126,28 @@ class FitSetup:
         row_of = torch.full((int(data.person.max()) + 1,), -1, dtype=torch.long)
         row_of[torch.tensor(people)] = torch.arange(len(people))
         return cls(unet, DDPMScheduler.from_config(pipe.scheduler.config), data, model,
-                   base_coefficient_table(model, data.clip_base[used]), base_rows, row_of)  # fmt: skip
+                   base_coefficient_table(model, data.clip_base[used]), base_rows, row_of,
+                   pipe.vae.requires_grad_(False).eval())  # fmt: skip
 
 
 def fit_rows(setup: FitSetup, generator: nn.Module, optimizer, out: Path, save, *, steps: int, done: int, looks: int,
-             face_loss_weight: float, seed: int, desc: str = "fit rows", progress: bool = True) -> None:  # fmt: skip
+             face_loss_weight: float, seed: int, desc: str = "fit rows", progress: bool = True,
+             id_loss_weight: float = 0.0, id_recognizer: str = "") -> None:  # fmt: skip
     """The fit loop: stage 3's case (a) loss over batches of `looks` looks per person, each person's row of
     `generator` (its `rows` set per batch) making their ID-LoRA; OUT/log.jsonl every 20 steps, `save(step)` every
-    SAVE_EVERY. Resumed runs pass `done`: the batches continue by step and later log lines are dropped."""
+    SAVE_EVERY. Resumed runs pass `done`: the batches continue by step and later log lines are dropped. With
+    `id_loss_weight`, the identity loss of `hyperlora.train.identity_loss` is added (recogniser `id_recognizer`)."""
     if done and (out / "log.jsonl").is_file():  # the lines logged after the saved rows are logged again
         kept = [line for line in (out / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= done]
         (out / "log.jsonl").write_text("".join(f"{line}\n" for line in kept))
     stage = StageConfig(stage=3, case_probs=(1.0, 0.0, 0.0), targets_per_reference=looks,
-                        face_loss_weight=face_loss_weight)  # fmt: skip
+                        face_loss_weight=face_loss_weight, id_loss_weight=id_loss_weight)  # fmt: skip
     run = TrainConfig(batch_size=16)
+    identity = None
+    if id_loss_weight:
+        from hyperlora.toy.face_recognizer import load_box_embedder  # the one recogniser format, both worlds
+
+        identity = IdentityTerm(load_box_embedder(id_recognizer), setup.vae, float(setup.vae.config.scaling_factor))
     data, others = setup.data, setup.data.others()
     began = time.perf_counter()
     with open(out / "log.jsonl", "a") as log:
@@ -147,14 +156,15 @@ def fit_rows(setup: FitSetup, generator: nn.Module, optimizer, out: Path, save, 
             batch = sample_batch(data, others, stage, run, rng)
             batch["base_coefficients"] = setup.base[setup.base_rows[batch["index"]]]
             generator.rows = setup.row_of[batch["person"]]
-            loss, _ = stage_loss(generator, setup.unet, setup.scheduler, batch, stage, snr_gamma=run.snr_gamma,
-                                 rng=rng, has_base=True)  # fmt: skip
+            loss, stats = stage_loss(generator, setup.unet, setup.scheduler, batch, stage, snr_gamma=run.snr_gamma,
+                                     rng=rng, has_base=True, identity=identity)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if (step + 1) % 20 == 0:
                 seconds = round(time.perf_counter() - began, 1)
-                log.write(json.dumps({"step": step + 1, "loss": float(loss), "s": seconds}) + "\n")
+                extra = {"loss_id": stats["loss_id"]} if "loss_id" in stats else {}
+                log.write(json.dumps({"step": step + 1, "loss": float(loss), "s": seconds, **extra}) + "\n")
                 log.flush()
             if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
                 save(step + 1)

@@ -95,7 +95,7 @@ class FreeLoRATable(nn.Module):
 
 def fit_loras(checkpoint: str, cache: str, people: list[int], out: str | Path, *, steps: int = 1500, lr: float = 2e-3,
               looks: int = 2, face_loss_weight: float = 9.0, seed: int = 0, pipeline: str = "data/toy/sdxl",
-              world: str = "toy", progress: bool = True) -> Path:  # fmt: skip
+              world: str = "toy", progress: bool = True, id_loss_weight: float = 0.0, id_recognizer: str = "") -> Path:  # fmt: skip
     """Fit one free ID-LoRA per person (see the module docstring); writes OUT/loras.safetensors (each linear's
     tables [P, r * in + out * r], Adam's moments, the people) and OUT/log.jsonl. Resumes from OUT's file."""
     out = Path(out)
@@ -125,7 +125,8 @@ def fit_loras(checkpoint: str, cache: str, people: list[int], out: str | Path, *
         (out / f"{LORAS_FILE}.tmp").replace(out / LORAS_FILE)
 
     fit_rows(setup, table, optimizer, out, save, steps=steps, done=done, looks=looks, face_loss_weight=face_loss_weight,
-             seed=seed, desc="fit LoRAs", progress=progress)  # fmt: skip
+             seed=seed, desc="fit LoRAs", progress=progress, id_loss_weight=id_loss_weight,
+             id_recognizer=id_recognizer)  # fmt: skip
     return out / LORAS_FILE
 
 
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--threads", type=int, default=1)
     fit.add_argument("--world", choices=("toy", "sdxl"), default="toy")
     fit.add_argument("--pipeline", default="data/toy/sdxl", help="the frozen base model (a diffusers SDXL folder)")
+    fit.add_argument("--id-loss-weight", type=float, default=0.0, help="add the identity loss (hyperlora.train.identity_loss)")
+    fit.add_argument("--id-recognizer", default="", help="its box-crop recogniser (recognizer.safetensors)")
     bases.add_argument("--loras", nargs="+", required=True, help="fit folders (their people in this order)")
     bases.add_argument("--hyper-dim", type=int, default=None, help="K (default: the checkpoint's; larger grows it)")
     bases.add_argument("--held-out", type=int, default=0, help="the last N fitted people stay out of the bases")
@@ -310,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fit":
         torch.set_num_threads(args.threads)
         fit_loras(args.checkpoint, args.cache, parse_people(args.people), args.out, steps=args.steps, lr=args.lr,
-                  looks=args.looks, seed=args.seed, pipeline=args.pipeline, world=args.world)  # fmt: skip
+                  looks=args.looks, seed=args.seed, pipeline=args.pipeline, world=args.world,
+                  id_loss_weight=args.id_loss_weight, id_recognizer=args.id_recognizer)  # fmt: skip
     elif args.command == "readout":
         print(json.dumps(fit_readout(args.checkpoint, args.cache, args.tables, args.out, val_people=args.val_people,
                                      ridge=args.ridge), indent=2))  # fmt: skip

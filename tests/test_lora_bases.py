@@ -122,3 +122,19 @@ def test_bad_arguments_are_refused(tiny_stage3, fitted, tmp_path):
     with pytest.raises(SystemExit):
         main(["fit", "--checkpoint", checkpoint, "--cache", str(tmp_path), "--people", "0:2", "--out", str(tmp_path)])
     assert not (tmp_path / "y").exists()
+
+
+def test_a_fit_with_the_identity_loss_logs_it_and_moves_the_loras_elsewhere(tiny_stage3, tmp_path):
+    from hyperlora.toy.face_recognizer import RecognizerTrainConfig, fit_recognizer
+    from hyperlora.toy.faces import _save_weights
+
+    config = RecognizerTrainConfig.smoke(crop="box")
+    recognizer = tmp_path / "recognizer.safetensors"
+    _save_weights(fit_recognizer(config)[0], config, recognizer)
+    plain = load_file(str(_fit(tiny_stage3, tmp_path / "plain", 20, lr=1e-2)))
+    with_id = load_file(str(_fit(tiny_stage3, tmp_path / "id", 20, lr=1e-2, id_loss_weight=1.0,
+                                 id_recognizer=str(recognizer))))  # fmt: skip
+    last = json.loads((tmp_path / "id" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 20 and last["loss_id"] > 0
+    assert "loss_id" not in json.loads((tmp_path / "plain" / "log.jsonl").read_text().splitlines()[-1])
+    assert not torch.equal(plain["0.raw"], with_id["0.raw"]), "the identity loss changes what the fit learns"
