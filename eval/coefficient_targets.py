@@ -41,8 +41,8 @@ from hyperlora.checkpoint import load_checkpoint
 from hyperlora.checkpoint import save_checkpoint as save_hyperlora
 from hyperlora.train.config import StageConfig, TrainConfig
 from hyperlora.train.data import TRAINING_SET_FILE, TrainingSet, sample_batch, step_seed
-from hyperlora.train.loop import load_base_pipeline
-from hyperlora.train.losses import IdentityTerm, base_coefficient_table, coefficient_cosine, stage_loss
+from hyperlora.train.loop import load_base_pipeline, load_identity_term
+from hyperlora.train.losses import base_coefficient_table, coefficient_cosine, stage_loss
 from hyperlora.train.params import select_trainable
 
 logger = logging.getLogger(__name__)
@@ -143,11 +143,7 @@ def fit_rows(setup: FitSetup, generator: nn.Module, optimizer, out: Path, save, 
     stage = StageConfig(stage=3, case_probs=(1.0, 0.0, 0.0), targets_per_reference=looks,
                         face_loss_weight=face_loss_weight, id_loss_weight=id_loss_weight)  # fmt: skip
     run = TrainConfig(batch_size=16)
-    identity = None
-    if id_loss_weight:
-        from hyperlora.toy.face_recognizer import load_box_embedder  # the one recogniser format, both worlds
-
-        identity = IdentityTerm(load_box_embedder(id_recognizer), setup.vae, float(setup.vae.config.scaling_factor))
+    identity = load_identity_term(id_recognizer, setup.vae) if id_loss_weight else None
     data, others = setup.data, setup.data.others()
     began = time.perf_counter()
     with open(out / "log.jsonl", "a") as log:

@@ -95,7 +95,8 @@ class FreeLoRATable(nn.Module):
 
 def fit_loras(checkpoint: str, cache: str, people: list[int], out: str | Path, *, steps: int = 1500, lr: float = 2e-3,
               looks: int = 2, face_loss_weight: float = 9.0, seed: int = 0, pipeline: str = "data/toy/sdxl",
-              world: str = "toy", progress: bool = True, id_loss_weight: float = 0.0, id_recognizer: str = "") -> Path:  # fmt: skip
+              world: str = "toy", progress: bool = True, id_loss_weight: float = 0.0,
+              id_recognizer: str = "") -> Path:  # fmt: skip
     """Fit one free ID-LoRA per person (see the module docstring); writes OUT/loras.safetensors (each linear's
     tables [P, r * in + out * r], Adam's moments, the people) and OUT/log.jsonl. Resumes from OUT's file."""
     out = Path(out)
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--threads", type=int, default=1)
     fit.add_argument("--world", choices=("toy", "sdxl"), default="toy")
     fit.add_argument("--pipeline", default="data/toy/sdxl", help="the frozen base model (a diffusers SDXL folder)")
-    fit.add_argument("--id-loss-weight", type=float, default=0.0, help="add the identity loss (hyperlora.train.identity_loss)")
+    fit.add_argument("--id-loss-weight", type=float, default=0.0,
+                     help="add the identity loss (hyperlora.train.identity_loss)")  # fmt: skip
     fit.add_argument("--id-recognizer", default="", help="its box-crop recogniser (recognizer.safetensors)")
     bases.add_argument("--loras", nargs="+", required=True, help="fit folders (their people in this order)")
     bases.add_argument("--hyper-dim", type=int, default=None, help="K (default: the checkpoint's; larger grows it)")

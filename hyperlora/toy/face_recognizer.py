@@ -256,7 +256,6 @@ def bgr(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
-
 def load_box_embedder(path) -> FaceEmbedder:
     """A recogniser trained on box crops (`recognizer.safetensors` of `python -m hyperlora.toy.faces` with
     `--recognizer.crop '"box"'`) as the identity loss's frozen FaceEmbedder."""

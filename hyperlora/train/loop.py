@@ -183,16 +183,16 @@ class Trainer:
         return {"loss": float(loss.detach()), **stats, "grad_norm": float(grad_norm)}
 
 
-def load_identity_term(run, pipe, device) -> IdentityTerm:
-    """The identity loss's frozen parts: the recogniser of `run.id_recognizer` and the base model's VAE."""
-    if not run.id_recognizer:
+def load_identity_term(recognizer: str, vae, device=None) -> IdentityTerm:
+    """The identity loss's frozen parts: the box-crop recogniser in file `recognizer` and the base model's VAE."""
+    if not recognizer:
         raise ValueError("id_loss_weight > 0 needs --id-recognizer: a recogniser trained on box crops "
                          "(python -m hyperlora.toy.faces --stages recognizer --recognizer.crop '\"box\"')")  # fmt: skip
     # one recogniser format for both worlds (TrainConfig.id_recognizer: no differentiable antelopev2 ships)
     from ..toy.face_recognizer import load_box_embedder
 
-    vae = pipe.vae.requires_grad_(False).eval().to(device)
-    return IdentityTerm(load_box_embedder(run.id_recognizer).to(device), vae, float(vae.config.scaling_factor))
+    vae = vae.requires_grad_(False).eval().to(device)
+    return IdentityTerm(load_box_embedder(recognizer).to(device), vae, float(vae.config.scaling_factor))
 
 
 def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir: str | Path,
@@ -230,7 +230,9 @@ def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir:
         else:
             logger.info("Base coefficients of %d images would take %.1f GB: the Base resampler runs per batch instead",
                         len(data), size / 1e9)  # fmt: skip
-    identity = load_identity_term(run, pipe, accelerator.device) if stage.stage > 1 and stage.id_loss_weight else None
+    identity = None
+    if stage.stage > 1 and stage.id_loss_weight:
+        identity = load_identity_term(run.id_recognizer, pipe.vae, accelerator.device)
     return Trainer(config, accelerator, unet, scheduler, data, data.others(), val, module, params, optimizer,
                    schedule, ema, base_table, identity)  # fmt: skip
 
