@@ -102,7 +102,6 @@ def test_the_identity_loss_is_added_on_case_a_samples_below_its_timestep(box_rec
 
     # the prediction that is the true target implies the image itself: the loss is zero
     noisy, timesteps, target = noisy_inputs(trainer.scheduler, batch["latents"], torch.Generator().manual_seed(2), 300)
-    exact = identity_loss(trainer.identity.embedder, trainer.identity.vae, trainer.identity.scaling_factor,
-                          clean=batch["latents"], noisy=noisy, timesteps=timesteps, prediction=target,
+    exact = identity_loss(trainer.identity.embedder, trainer.identity.vae, clean=batch["latents"], noisy=noisy, timesteps=timesteps, prediction=target,
                           boxes=batch["face_box"], scheduler=trainer.scheduler)  # fmt: skip
     assert exact.abs().max() < 1e-3

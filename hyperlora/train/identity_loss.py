@@ -66,17 +66,17 @@ def predicted_x0(scheduler: DDPMScheduler, noisy: torch.Tensor, timesteps: torch
     raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
 
 
-def decode(vae, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """Latents (scaled, as the UNet sees them) -> pixels [B, 3, H, W] in about [-1, 1]."""
-    return vae.decode((latents / scaling_factor).to(vae.dtype)).sample.float()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (scaled by the VAE's scaling factor, as the UNet sees them) -> pixels [B, 3, H, W] in about [-1, 1]."""
+    return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
 
 
-def identity_loss(embedder: FaceEmbedder, vae, scaling_factor: float, *, clean: torch.Tensor, noisy: torch.Tensor,
+def identity_loss(embedder: FaceEmbedder, vae, *, clean: torch.Tensor, noisy: torch.Tensor,
                   timesteps: torch.Tensor, prediction: torch.Tensor, boxes: torch.Tensor,
                   scheduler: DDPMScheduler) -> torch.Tensor:  # fmt: skip
     """Per sample, 1 - cosine between the recogniser's embedding of the face the prediction implies and of the
     training image's own face (decoded from its clean latents, no gradient)."""
     with torch.no_grad():
-        goal = embedder(decode(vae, clean, scaling_factor), boxes)
-    made = embedder(decode(vae, predicted_x0(scheduler, noisy, timesteps, prediction), scaling_factor), boxes)
+        goal = embedder(decode(vae, clean), boxes)
+    made = embedder(decode(vae, predicted_x0(scheduler, noisy, timesteps, prediction)), boxes)
     return 1 - (made * goal).sum(-1)

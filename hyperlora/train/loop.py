@@ -192,7 +192,7 @@ def load_identity_term(recognizer: str, vae, device=None) -> IdentityTerm:
     from ..toy.face_recognizer import load_box_embedder
 
     vae = vae.requires_grad_(False).eval().to(device)
-    return IdentityTerm(load_box_embedder(recognizer).to(device), vae, float(vae.config.scaling_factor))
+    return IdentityTerm(load_box_embedder(recognizer).to(device), vae)
 
 
 def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir: str | Path,

@@ -77,7 +77,6 @@ class IdentityTerm:
 
     embedder: FaceEmbedder
     vae: nn.Module
-    scaling_factor: float
 
 
 def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batch: dict, stage: StageConfig, *,
@@ -124,13 +123,12 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
     per_sample = (error * face_weights(batch, error.shape[-2:], stage.face_loss_weight)).flatten(1).mean(1) * weights
     stats = {f"loss_{name}": float(per_sample[case == k].detach().mean()) for k, name in enumerate(CASES) if (case == k).any()}
     if stage.stage > 1 and stage.id_loss_weight and identity is not None:
-        has_box = ~batch["face_box"].isnan().any(1).to(case.device) if "face_box" in batch else None
-        if has_box is None:
+        if "face_box" not in batch:
             raise ValueError("id_loss_weight > 0 needs the training set's face boxes: prepare the set again")
+        has_box = ~batch["face_box"].isnan().any(1).to(case.device)
         rows = ((case == 0) & (timesteps < stage.id_loss_max_timestep) & has_box).nonzero().squeeze(1)
         if len(rows):
-            term = identity_loss(identity.embedder, identity.vae, identity.scaling_factor,
-                                 clean=batch["latents"][rows], noisy=noisy[rows], timesteps=timesteps[rows],
+            term = identity_loss(identity.embedder, identity.vae, clean=batch["latents"][rows], noisy=noisy[rows], timesteps=timesteps[rows],
                                  prediction=prediction[rows], boxes=batch["face_box"][rows], scheduler=scheduler)  # fmt: skip
             per_sample = per_sample.index_add(0, rows, stage.id_loss_weight * term)
             stats["loss_id"] = float(term.detach().mean())
