@@ -132,19 +132,25 @@ class FitSetup:
 
 def fit_rows(setup: FitSetup, generator: nn.Module, optimizer, out: Path, save, *, steps: int, done: int, looks: int,
              face_loss_weight: float, seed: int, desc: str = "fit rows", progress: bool = True,
-             id_loss_weight: float = 0.0, id_recognizer: str = "") -> None:  # fmt: skip
+             id_loss_weight: float = 0.0, id_recognizer: str = "", id_loss_path_steps: int = 0) -> None:  # fmt: skip
     """The fit loop: stage 3's case (a) loss over batches of `looks` looks per person, each person's row of
     `generator` (its `rows` set per batch) making their ID-LoRA; OUT/log.jsonl every 20 steps, `save(step)` every
     SAVE_EVERY. Resumed runs pass `done`: the batches continue by step and later log lines are dropped. With
-    `id_loss_weight`, the identity loss of `hyperlora.train.identity_loss` is added (recogniser `id_recognizer`)."""
+    `id_loss_weight`, the identity loss of `hyperlora.train.identity_loss` is added (recogniser `id_recognizer`),
+    on sampling paths of `id_loss_path_steps` steps if that is not 0 (the toy world's face detector finds the faces:
+    these diagnostics read the toy training pool)."""
     if done and (out / "log.jsonl").is_file():  # the lines logged after the saved rows are logged again
         kept = [line for line in (out / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= done]
         (out / "log.jsonl").write_text("".join(f"{line}\n" for line in kept))
     stage = StageConfig(stage=3, case_probs=(1.0, 0.0, 0.0), targets_per_reference=looks,
-                        face_loss_weight=face_loss_weight, id_loss_weight=id_loss_weight)  # fmt: skip
+                        face_loss_weight=face_loss_weight, id_loss_weight=id_loss_weight,
+                        id_loss_path_steps=id_loss_path_steps)  # fmt: skip
     run = TrainConfig(batch_size=16)
-    identity = load_identity_term(id_recognizer, setup.vae) if id_loss_weight else None
     data, others = setup.data, setup.data.others()
+    identity = None
+    if id_loss_weight:
+        identity = load_identity_term(id_recognizer, setup.vae, empty=(data.empty_embeds, data.empty_pooled),
+                                      path_faces=("toy", run.faces) if id_loss_path_steps else None)  # fmt: skip
     began = time.perf_counter()
     with open(out / "log.jsonl", "a") as log:
         for step in tqdm(range(done, steps), initial=done, total=steps, desc=desc, disable=not progress):
@@ -159,7 +165,7 @@ def fit_rows(setup: FitSetup, generator: nn.Module, optimizer, out: Path, save, 
             optimizer.step()
             if (step + 1) % 20 == 0:
                 seconds = round(time.perf_counter() - began, 1)
-                extra = {"loss_id": stats["loss_id"]} if "loss_id" in stats else {}
+                extra = {k: stats[k] for k in ("loss_id", "id_faces_found") if k in stats}
                 log.write(json.dumps({"step": step + 1, "loss": float(loss), "s": seconds, **extra}) + "\n")
                 log.flush()
             if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:

@@ -96,7 +96,7 @@ class FreeLoRATable(nn.Module):
 def fit_loras(checkpoint: str, cache: str, people: list[int], out: str | Path, *, steps: int = 1500, lr: float = 2e-3,
               looks: int = 2, face_loss_weight: float = 9.0, seed: int = 0, pipeline: str = "data/toy/sdxl",
               world: str = "toy", progress: bool = True, id_loss_weight: float = 0.0,
-              id_recognizer: str = "") -> Path:  # fmt: skip
+              id_recognizer: str = "", id_loss_path_steps: int = 0) -> Path:  # fmt: skip
     """Fit one free ID-LoRA per person (see the module docstring); writes OUT/loras.safetensors (each linear's
     tables [P, r * in + out * r], Adam's moments, the people) and OUT/log.jsonl. Resumes from OUT's file."""
     out = Path(out)
@@ -127,7 +127,7 @@ def fit_loras(checkpoint: str, cache: str, people: list[int], out: str | Path, *
 
     fit_rows(setup, table, optimizer, out, save, steps=steps, done=done, looks=looks, face_loss_weight=face_loss_weight,
              seed=seed, desc="fit LoRAs", progress=progress, id_loss_weight=id_loss_weight,
-             id_recognizer=id_recognizer)  # fmt: skip
+             id_recognizer=id_recognizer, id_loss_path_steps=id_loss_path_steps)  # fmt: skip
     return out / LORAS_FILE
 
 
@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--id-loss-weight", type=float, default=0.0,
                      help="add the identity loss (hyperlora.train.identity_loss)")  # fmt: skip
     fit.add_argument("--id-recognizer", default="", help="its box-crop recogniser (recognizer.safetensors)")
+    fit.add_argument("--id-loss-path-steps", type=int, default=0,
+                     help="read it on faces sampled from pure noise along this many DDIM steps (0: one-step x0)")  # fmt: skip
     bases.add_argument("--loras", nargs="+", required=True, help="fit folders (their people in this order)")
     bases.add_argument("--hyper-dim", type=int, default=None, help="K (default: the checkpoint's; larger grows it)")
     bases.add_argument("--held-out", type=int, default=0, help="the last N fitted people stay out of the bases")
@@ -316,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         fit_loras(args.checkpoint, args.cache, parse_people(args.people), args.out, steps=args.steps, lr=args.lr,
                   looks=args.looks, seed=args.seed, pipeline=args.pipeline, world=args.world,
-                  id_loss_weight=args.id_loss_weight, id_recognizer=args.id_recognizer)  # fmt: skip
+                  id_loss_weight=args.id_loss_weight, id_recognizer=args.id_recognizer,
+                  id_loss_path_steps=args.id_loss_path_steps)  # fmt: skip
     elif args.command == "readout":
         print(json.dumps(fit_readout(args.checkpoint, args.cache, args.tables, args.out, val_people=args.val_people,
                                      ridge=args.ridge), indent=2))  # fmt: skip

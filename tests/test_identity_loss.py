@@ -2,16 +2,18 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from hyperlora.conditioning.faces import Face
 from hyperlora.diffusion import noisy_inputs
 from hyperlora.toy.face_recognizer import RecognizerTrainConfig, box_verification, fit_recognizer, load_box_embedder
 from hyperlora.toy.faces import FaceEvalConfig, _save_weights
 from hyperlora.train.config import resolve
-from hyperlora.train.identity_loss import box_crops, identity_loss, predicted_x0
-from hyperlora.train.losses import LoRAGenerator, stage_loss
+from hyperlora.train.identity_loss import box_crops, identity_loss, path_timesteps, predicted_x0, sample_path
+from hyperlora.train.losses import LoRAGenerator, first_per_group, stage_loss
 
 TINY_RUN = {"num_identities": 3, "images_per_identity": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1,
             "threads": 1}  # fmt: skip
@@ -105,3 +107,78 @@ def test_the_identity_loss_is_added_on_case_a_samples_below_its_timestep(box_rec
     exact = identity_loss(trainer.identity.embedder, trainer.identity.vae, clean=batch["latents"], noisy=noisy, timesteps=timesteps, prediction=target,
                           boxes=batch["face_box"], scheduler=trainer.scheduler)  # fmt: skip
     assert exact.abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_a_sampling_path_lands_on_the_clean_latents_its_predictions_imply_and_passes_gradients(kind):
+    assert path_timesteps(4) == [999, 749, 499, 249] and path_timesteps(1) == [999]
+    with pytest.raises(ValueError, match="at least one step"):
+        path_timesteps(0)
+    scheduler = DDPMScheduler(prediction_type=kind)
+    alphas = scheduler.alphas_cumprod
+    clean = torch.randn(2, 4, 8, 8, requires_grad=True)
+    seen = []
+
+    def oracle(latents, t):  # the prediction whose x0 is `clean` at every step
+        seen.append(t)
+        a = alphas[t]
+        eps = (latents - a.sqrt() * clean) / (1 - a).sqrt()
+        return eps if kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * clean
+
+    out = sample_path(oracle, torch.randn(2, 4, 8, 8), scheduler, 3)
+    assert seen == path_timesteps(3) and torch.allclose(out, clean, atol=1e-4)
+    out.sum().backward()
+    assert torch.allclose(clean.grad, torch.ones_like(clean), atol=1e-3), "the gradient runs back through every step"
+
+
+def test_first_per_group_takes_one_eligible_sample_of_each_person():
+    eligible = torch.tensor([False, True, True, False, False, False, True, True])
+    group = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert first_per_group(eligible, group).tolist() == [1, 2, 6]
+
+
+class _CentreFace:
+    """A stand-in face analyser: one face box in the middle of every image, or none."""
+
+    def __init__(self, found: bool):
+        self.found = found
+
+    def detect(self, image):
+        w, h = image.size
+        return [Face(bbox=[w * 0.3, h * 0.3, w * 0.7, h * 0.7], score=1.0, kps=np.zeros((5, 2)))] if self.found else []
+
+
+def test_the_sampling_path_identity_loss_reads_one_face_per_person_and_reaches_the_resampler(box_recognizer, tmp_path):
+    from hyperlora.toy.face_backend import ToyFaceAnalyzer
+    from hyperlora.train.data import sample_batch
+    from hyperlora.train.loop import setup_stage
+
+    config = resolve("toy", 3, run={**TINY_RUN, "id_recognizer": str(box_recognizer), "caption_dropout": 0.0},
+                     stage_overrides={"id_loss_weight": 1.0, "id_loss_path_steps": 2, "case_probs": (1, 0, 0),
+                                      "targets_per_reference": 2})  # fmt: skip
+    trainer = setup_stage(config, cache_dir=tmp_path, progress=False)
+    assert isinstance(trainer.identity.analyzer, ToyFaceAnalyzer) and trainer.identity.empty is not None
+    model = trainer.accelerator.unwrap_model(trainer.module).hyperlora
+    with torch.no_grad():
+        model.randomize_up_bases(0.05)
+    batch = sample_batch(trainer.data, trainer.others, config.stage, config.run, torch.Generator().manual_seed(0))
+
+    def loss(found: bool | None, **changes):
+        identity = None if found is None else dataclasses.replace(trainer.identity, analyzer=_CentreFace(found))
+        return stage_loss(LoRAGenerator(model), trainer.unet, trainer.scheduler, {**batch, **changes}, config.stage,
+                          snr_gamma=None, rng=torch.Generator().manual_seed(1), has_base=True, identity=identity)  # fmt: skip
+
+    with_id, stats = loss(True)
+    plain, _ = loss(None)
+    groups = len(batch["case"]) // 2
+    assert stats["id_faces_found"] == 1.0 and 0 < stats["loss_id"] <= 2
+    assert float(with_id - plain) == pytest.approx(stats["loss_id"] * groups / len(batch["case"]), rel=1e-3), \
+        "one path per person's group, added to that group's first sample"  # fmt: skip
+    (with_id - plain).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.resampler.parameters())
+    missed, missed_stats = loss(False)
+    assert missed_stats["id_faces_found"] == 0 and float(missed) == pytest.approx(float(plain), rel=1e-6)
+    dropped, dropped_stats = loss(True, dropped=torch.ones_like(batch["dropped"]))
+    assert "loss_id" not in dropped_stats, "a prompt dropped to '' names no one: no path"
+    with pytest.raises(ValueError, match="id_loss_path_steps must be >= 0"):
+        dataclasses.replace(config.stage, id_loss_path_steps=-1)

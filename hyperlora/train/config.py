@@ -56,6 +56,11 @@ class StageConfig:
     # loss); 0: the paper's loss
     id_loss_max_timestep: int = 400  # the identity loss reads samples below this timestep only: the one-step x0
     # estimate of a noisier latent is too blurred to hold a face
+    id_loss_path_steps: int = 0  # 0: the identity loss reads that one-step estimate. N > 0: PuLID's form instead,
+    # a face sampled from pure noise along N DDIM steps, backpropagated through every step (N UNet passes of twice
+    # id_loss_samples images a batch, at guidance id_loss_guidance)
+    id_loss_guidance: float = 5.0  # the sampling path's classifier-free guidance (the evaluation harness's)
+    id_loss_samples: int = 8  # sampling paths per batch: the first captioned case (a) sample of each person's group
 
     def __post_init__(self):
         self.train_groups, self.id_inputs = tuple(self.train_groups), tuple(self.id_inputs)
@@ -76,6 +81,9 @@ class StageConfig:
         if self.id_loss_weight < 0 or self.id_loss_max_timestep < 1:
             raise ValueError(f"id_loss_weight must be >= 0 and id_loss_max_timestep >= 1, got {self.id_loss_weight}, "
                              f"{self.id_loss_max_timestep}")  # fmt: skip
+        if self.id_loss_path_steps < 0 or self.id_loss_samples < 1 or not self.id_loss_guidance >= 1:
+            raise ValueError(f"id_loss_path_steps must be >= 0, id_loss_samples >= 1 and id_loss_guidance >= 1, got "
+                             f"{self.id_loss_path_steps}, {self.id_loss_samples}, {self.id_loss_guidance}")  # fmt: skip
         if self.max_timestep < 0:
             raise ValueError(f"max_timestep must be >= 0 (0: every training timestep), got {self.max_timestep}")
         if self.targets_per_reference < 1:

@@ -164,7 +164,7 @@ def sample_batch(data: TrainingSet, others: list[torch.Tensor], stage: StageConf
         "latents": latents, "encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": data.time_ids[index].float(),
         "clip": clip_id.float(), "arcface": arcface.float(), "clip_base": data.clip_base[index].float(), "case": case,
         "group": torch.arange(len(anchors)).repeat_interleave(m), "index": index, "reference": reference,
-        "person": data.person[reference],
+        "person": data.person[reference], "dropped": drop,
         **({"face_box": data.face_box[index]} if data.face_box is not None else {}),
     }  # fmt: skip
 

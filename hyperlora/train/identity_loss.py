@@ -13,6 +13,12 @@ training set keeps face boxes, and a crop made by `affine_grid` is differentiabl
 the judge of the evaluation, so that a gain is not the judge fooled: the toy world trains one with another seed on
 box crops (`python -m hyperlora.toy.faces --stages recognizer --recognizer.crop '"box"'`); the sdxl world has no
 differentiable recogniser shipped (antelopev2 is ONNX), and any torch module saved the same way can serve.
+
+That one-step estimate reads a latent whose face is already placed by the noise left in it. PuLID's own loss reads a
+face generated from pure noise along a short path of a fast sampler, as at inference: `sample_path` (deterministic
+DDIM over a few timesteps, classifier-free guidance, differentiable end to end) makes that face, and the loss
+backpropagates through every step of the path into the LoRA (`StageConfig.id_loss_path_steps`). A generated face
+can land anywhere, so its box comes from a face detector (any `FaceAnalyzer`, no gradient through the box).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
+
+from ..conditioning.faces import FaceAnalyzer
 
 
 def box_crops(pixels: torch.Tensor, boxes: torch.Tensor, size: int, expand: float) -> torch.Tensor:
@@ -80,3 +88,57 @@ def identity_loss(embedder: FaceEmbedder, vae, *, clean: torch.Tensor, noisy: to
         goal = embedder(decode(vae, clean), boxes)
     made = embedder(decode(vae, predicted_x0(scheduler, noisy, timesteps, prediction)), boxes)
     return 1 - (made * goal).sum(-1)
+
+
+def path_timesteps(steps: int, train_steps: int = 1000) -> list[int]:
+    """`steps` timesteps from the noisiest down, evenly spaced and "trailing" (the first is train_steps - 1), as the
+    few-step samplers PuLID builds on: 4 -> [999, 749, 499, 249]."""
+    if steps < 1:
+        raise ValueError(f"a sampling path needs at least one step, got {steps}")
+    return [train_steps - 1 - round(k * train_steps / steps) for k in range(steps)]
+
+
+def sample_path(denoise, noise: torch.Tensor, scheduler: DDPMScheduler, steps: int) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from pure `noise` over `path_timesteps(steps)`: the clean latents of the last
+    step. `denoise(latents, t)` gives the model's (guided) prediction at integer timestep t; every step stays in
+    the autograd graph, so a loss on the result reaches whatever `denoise` depends on."""
+    alphas = scheduler.alphas_cumprod.to(noise.device, torch.float32)
+    latents, path = noise.float(), path_timesteps(steps, scheduler.config.num_train_timesteps)
+    for k, t in enumerate(path):
+        timesteps = torch.full((len(latents),), t, device=noise.device, dtype=torch.long)
+        x0 = predicted_x0(scheduler, latents, timesteps, denoise(latents, t))
+        if k + 1 == len(path):
+            return x0
+        a, a_next = alphas[t], alphas[path[k + 1]]
+        eps = (latents - a.sqrt() * x0) / (1 - a).sqrt()  # the noise this prediction implies (exact for eps and v)
+        latents = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    raise AssertionError("unreachable")
+
+
+def face_boxes(analyzer: FaceAnalyzer, pixels: torch.Tensor) -> torch.Tensor:
+    """Each image's largest detected face box [B, 4] as fractions of its width and height (NaN where none is
+    found); pixels [B, 3, H, W] in [-1, 1]. No gradient: the box only says where to cut."""
+    from PIL import Image
+
+    images = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    h, w = pixels.shape[-2:]
+    boxes = torch.full((len(images), 4), float("nan"))
+    for i, image in enumerate(images):
+        faces = analyzer.detect(Image.fromarray(image))
+        if faces:
+            box = max(faces, key=lambda f: f.area).bbox
+            boxes[i] = torch.tensor([box[0] / w, box[1] / h, box[2] / w, box[3] / h])
+    return boxes
+
+
+def sampled_identity(embedder: FaceEmbedder, vae, analyzer: FaceAnalyzer, latents: torch.Tensor,
+                     goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """1 - cosine between the face generated in `latents` (decoded, found by `analyzer`, embedded) and the unit
+    embeddings `goal`, for the samples where a face is found: (losses [F], their rows [F])."""
+    pixels = decode(vae, latents)
+    boxes = face_boxes(analyzer, pixels)
+    rows = (~boxes.isnan().any(1)).nonzero().squeeze(1).to(latents.device)
+    if not len(rows):
+        return latents.new_zeros(0), rows
+    made = embedder(pixels[rows], boxes[rows.cpu()])
+    return 1 - (made * goal[rows]).sum(-1), rows

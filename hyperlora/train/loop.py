@@ -32,6 +32,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
+from ..conditioning.backends import make_face_analyzer
 from ..checkpoint import save_checkpoint as save_hyperlora
 from ..hypernet import HyperLoRA
 from ..targets import find_targets
@@ -183,8 +184,11 @@ class Trainer:
         return {"loss": float(loss.detach()), **stats, "grad_norm": float(grad_norm)}
 
 
-def load_identity_term(recognizer: str, vae, device=None) -> IdentityTerm:
-    """The identity loss's frozen parts: the box-crop recogniser in file `recognizer` and the base model's VAE."""
+def load_identity_term(recognizer: str, vae, device=None, *, path_faces: tuple[str, str] | None = None,
+                       empty: tuple[torch.Tensor, torch.Tensor] | None = None) -> IdentityTerm:  # fmt: skip
+    """The identity loss's frozen parts: the box-crop recogniser in file `recognizer` and the base model's VAE; for
+    the sampling-path form also the face analyser that finds the sampled faces, `path_faces` = (world, model
+    folder), and the "" prompt's embeddings `empty` for its unconditional branch."""
     if not recognizer:
         raise ValueError("id_loss_weight > 0 needs --id-recognizer: a recogniser trained on box crops "
                          "(python -m hyperlora.toy.faces --stages recognizer --recognizer.crop '\"box\"')")  # fmt: skip
@@ -192,7 +196,12 @@ def load_identity_term(recognizer: str, vae, device=None) -> IdentityTerm:
     from ..toy.face_recognizer import load_box_embedder
 
     vae = vae.requires_grad_(False).eval().to(device)
-    return IdentityTerm(load_box_embedder(recognizer).to(device), vae)
+    analyzer = None
+    if path_faces is not None:  # each world's own detector: the toy ONNX one, or antelopev2's from its root
+        world, faces = path_faces
+        analyzer = (make_face_analyzer("toy", model_dir=faces, scan_windows=False) if world == "toy"
+                    else make_face_analyzer("antelopev2", root=faces))  # fmt: skip
+    return IdentityTerm(load_box_embedder(recognizer).to(device), vae, analyzer, empty)
 
 
 def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir: str | Path,
@@ -232,7 +241,9 @@ def setup_stage(config: RunConfig, *, init: str | Path | None = None, cache_dir:
                         len(data), size / 1e9)  # fmt: skip
     identity = None
     if stage.stage > 1 and stage.id_loss_weight:
-        identity = load_identity_term(run.id_recognizer, pipe.vae, accelerator.device)
+        identity = load_identity_term(run.id_recognizer, pipe.vae, accelerator.device,
+                                      path_faces=(run.world, run.faces) if stage.id_loss_path_steps else None,
+                                      empty=(data.empty_embeds, data.empty_pooled))  # fmt: skip
     return Trainer(config, accelerator, unet, scheduler, data, data.others(), val, module, params, optimizer,
                    schedule, ema, base_table, identity)  # fmt: skip
 

@@ -24,7 +24,7 @@ from ..diffusion import noisy_inputs, snr_weights
 from ..hypernet import HyperLoRA
 from ..lora import LoRAWeights, functional_lora
 from .config import StageConfig
-from .identity_loss import FaceEmbedder, identity_loss
+from .identity_loss import FaceEmbedder, decode, identity_loss, sample_path, sampled_identity
 
 CASES = ("a", "b", "c")
 
@@ -77,6 +77,9 @@ class IdentityTerm:
 
     embedder: FaceEmbedder
     vae: nn.Module
+    analyzer: object = None  # a FaceAnalyzer: finds the face generated along a sampling path (id_loss_path_steps)
+    empty: tuple[torch.Tensor, torch.Tensor] | None = None  # the "" prompt's embeddings [1, 77, D], pooled [1, P]:
+    # the unconditional branch of the path's classifier-free guidance
 
 
 def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batch: dict, stage: StageConfig, *,
@@ -126,6 +129,15 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
         if "face_box" not in batch:
             raise ValueError("id_loss_weight > 0 needs the training set's face boxes: prepare the set again")
         has_box = ~batch["face_box"].isnan().any(1).to(case.device)
+        if stage.id_loss_path_steps:  # PuLID's form: a face sampled from pure noise (see `path_identity`)
+            captioned = (case == 0) & has_box & ~batch.get("dropped", torch.zeros_like(has_box)).to(case.device)
+            rows = first_per_group(captioned, batch["group"].to(case.device))[: stage.id_loss_samples]
+            if len(rows):
+                term, found = path_identity(identity, unet, scheduler, batch, rows, loras, scales, stage, rng)
+                per_sample = per_sample.index_add(0, rows[found], stage.id_loss_weight * term)
+                stats["loss_id"] = float(term.detach().mean()) if len(term) else float("nan")
+                stats["id_faces_found"] = len(term) / len(rows)
+            return per_sample.mean(), stats
         rows = ((case == 0) & (timesteps < stage.id_loss_max_timestep) & has_box).nonzero().squeeze(1)
         if len(rows):
             term = identity_loss(identity.embedder, identity.vae, clean=batch["latents"][rows], noisy=noisy[rows], timesteps=timesteps[rows],
@@ -133,6 +145,45 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
             per_sample = per_sample.index_add(0, rows, stage.id_loss_weight * term)
             stats["loss_id"] = float(term.detach().mean())
     return per_sample.mean(), stats
+
+
+def first_per_group(eligible: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """The first eligible sample of each group (one per person's LoRA), in group order."""
+    rows = eligible.nonzero().squeeze(1)
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = group[rows][1:] != group[rows][:-1]
+    return rows[first]
+
+
+def path_identity(identity: IdentityTerm, unet, scheduler: DDPMScheduler, batch: dict, rows: torch.Tensor,
+                  loras: list[LoRAWeights], scales: list[torch.Tensor], stage: StageConfig,
+                  rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The identity loss on faces sampled from pure noise: for each of `rows`, its prompt, LoRAs and scales
+    (conditional and unconditional branch alike, as at inference) along `stage.id_loss_path_steps` DDIM steps at
+    guidance `stage.id_loss_guidance`; each found face against the recogniser's embedding of the row's own image.
+    Returns (1 - cosine [F], the positions in `rows` where a face was found [F])."""
+    if identity.analyzer is None or identity.empty is None:
+        raise ValueError("id_loss_path_steps > 0 needs a face analyzer and the empty prompt's embeddings")
+    n, device = len(rows), batch["latents"].device
+    both = torch.cat([rows, rows])
+    empty, empty_pooled = (t.to(device, torch.float32) for t in identity.empty)
+    cond = {"encoder_hidden_states": torch.cat([batch["encoder_hidden_states"][rows], empty.expand(n, -1, -1)]),
+            "text_embeds": torch.cat([batch["text_embeds"][rows], empty_pooled.expand(n, -1)]),
+            "time_ids": batch["time_ids"][both]}  # fmt: skip
+    picked, picked_scales = [take(lora, both) for lora in loras], [scale[both] for scale in scales]
+    guidance = stage.id_loss_guidance
+
+    def denoise(latents: torch.Tensor, t: int) -> torch.Tensor:
+        with functional_lora(unet, picked, picked_scales):
+            out = _unet(unet, torch.cat([latents, latents]), torch.full((2 * n,), t, device=device), cond)
+        conditional, unconditional = out.float().chunk(2)
+        return unconditional + guidance * (conditional - unconditional)
+
+    noise = torch.randn(batch["latents"][rows].shape, generator=rng).to(device)
+    latents = sample_path(denoise, noise, scheduler, stage.id_loss_path_steps)
+    with torch.no_grad():
+        goal = identity.embedder(decode(identity.vae, batch["latents"][rows]), batch["face_box"][rows])
+    return sampled_identity(identity.embedder, identity.vae, identity.analyzer, latents, goal)
 
 
 def face_weights(batch: dict, size: tuple[int, int], weight: float) -> torch.Tensor | float:
