@@ -178,7 +178,7 @@ def test_the_sampling_path_identity_loss_reads_one_face_per_person_and_reaches_t
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.resampler.parameters())
     missed, missed_stats = loss(False)
     assert missed_stats["id_faces_found"] == 0 and float(missed) == pytest.approx(float(plain), rel=1e-6)
-    dropped, dropped_stats = loss(True, dropped=torch.ones_like(batch["dropped"]))
+    _, dropped_stats = loss(True, dropped=torch.ones_like(batch["dropped"]))
     assert "loss_id" not in dropped_stats, "a prompt dropped to '' names no one: no path"
     with pytest.raises(ValueError, match="id_loss_path_steps must be >= 0"):
         dataclasses.replace(config.stage, id_loss_path_steps=-1)

@@ -32,8 +32,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..conditioning.backends import make_face_analyzer
 from ..checkpoint import save_checkpoint as save_hyperlora
+from ..conditioning.backends import make_face_analyzer
 from ..hypernet import HyperLoRA
 from ..targets import find_targets
 from ..toy.cards import git_commit
