@@ -2,6 +2,8 @@
 
 python docs/ablations/bases_reach16/figure.py OUT.png  (reads the eval.run image folders under runs/)
 python docs/ablations/bases_reach16/figure.py OUT.png "LABEL=RUN:VARIANT" ...  (other columns, same people)
+    --people A:B    the runs' people A..B-1 (default 0:6; their rows of the first run's grid)
+    --train         training people (image names are their ids; val people's are 900000 + index)
 """
 
 import sys
@@ -14,9 +16,18 @@ RUNS = {
     "coef_ft@100": ("runs/reach16/coefft_b1", "coef_ft@100"),
     "free LoRA@300": ("runs/reach16/zero_ft", "zero_ft@300"),
 }
-if len(sys.argv) > 2:
-    RUNS = {arg.split("=", 1)[0]: tuple(arg.split("=", 1)[1].rsplit(":", 1)) for arg in sys.argv[2:]}
-PEOPLE, PROMPTS = range(6), (1, 5)
+args = sys.argv[2:]
+PEOPLE, ID_BASE, PROMPTS = range(6), 900000, (1, 5)
+if "--people" in args:
+    at = args.index("--people")
+    start, end = map(int, args.pop(at + 1).split(":"))
+    args.pop(at)
+    PEOPLE = range(start, end)
+if "--train" in args:
+    args.remove("--train")
+    ID_BASE -= 900000
+if args:
+    RUNS = {arg.split("=", 1)[0]: tuple(arg.split("=", 1)[1].rsplit(":", 1)) for arg in args}
 CELL = 128  # the eval grids' cell: two references, a gap, then the generations
 
 # an eval grid's first column holds each person's reference: the first column's run's grid
@@ -28,11 +39,11 @@ for row, person in zip(axes, PEOPLE):
     column = 1
     for prompt in PROMPTS:
         for label, (run, variant) in RUNS.items():
-            row[column].imshow(Image.open(f"{run}/images/{variant}/{900000 + person}_p{prompt:02d}_s0.png"))
-            if person == 0:
+            row[column].imshow(Image.open(f"{run}/images/{variant}/{ID_BASE + person}_p{prompt:02d}_s0.png"))
+            if person == PEOPLE[0]:
                 row[column].set_title(f"{label}\nprompt {prompt}", fontsize=9)
             column += 1
-    row[0].set_ylabel(f"val {person}")
+    row[0].set_ylabel(f"{'val' if ID_BASE else 'train'} {person}")
 axes[0][0].set_title("reference", fontsize=9)
 for ax in axes.flat:
     ax.set_xticks([])
