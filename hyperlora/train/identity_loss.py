@@ -23,6 +23,8 @@ can land anywhere, so its box comes from a face detector (any `FaceAnalyzer`, no
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -104,15 +106,16 @@ def sample_path(denoise, noise: torch.Tensor, scheduler: DDPMScheduler, steps: i
     the autograd graph, so a loss on the result reaches whatever `denoise` depends on."""
     alphas = scheduler.alphas_cumprod.to(noise.device, torch.float32)
     latents, path = noise.float(), path_timesteps(steps, scheduler.config.num_train_timesteps)
-    for k, t in enumerate(path):
+
+    def clean(latents: torch.Tensor, t: int) -> torch.Tensor:
         timesteps = torch.full((len(latents),), t, device=noise.device, dtype=torch.long)
-        x0 = predicted_x0(scheduler, latents, timesteps, denoise(latents, t))
-        if k + 1 == len(path):
-            return x0
-        a, a_next = alphas[t], alphas[path[k + 1]]
+        return predicted_x0(scheduler, latents, timesteps, denoise(latents, t))
+
+    for t, t_next in itertools.pairwise(path):
+        x0, a, a_next = clean(latents, t), alphas[t], alphas[t_next]
         eps = (latents - a.sqrt() * x0) / (1 - a).sqrt()  # the noise this prediction implies (exact for eps and v)
         latents = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-    raise AssertionError("unreachable")
+    return clean(latents, path[-1])
 
 
 def face_boxes(analyzer: FaceAnalyzer, pixels: torch.Tensor) -> torch.Tensor:

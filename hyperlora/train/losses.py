@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
+from ..conditioning.faces import FaceAnalyzer
 from ..diffusion import noisy_inputs, snr_weights
 from ..hypernet import HyperLoRA
 from ..lora import LoRAWeights, functional_lora
@@ -77,7 +78,7 @@ class IdentityTerm:
 
     embedder: FaceEmbedder
     vae: nn.Module
-    analyzer: object = None  # a FaceAnalyzer: finds the face generated along a sampling path (id_loss_path_steps)
+    analyzer: FaceAnalyzer | None = None  # finds the face generated along a sampling path (id_loss_path_steps)
     empty: tuple[torch.Tensor, torch.Tensor] | None = None  # the "" prompt's embeddings [1, 77, D], pooled [1, P]:
     # the unconditional branch of the path's classifier-free guidance
 
