@@ -71,6 +71,27 @@ def test_a_box_recogniser_loads_as_the_embedder_and_a_keypoint_one_is_refused(bo
         RecognizerTrainConfig(crop="eyes")
 
 
+def test_random_views_of_a_face_vary_the_crop_keep_gradients_and_repeat_with_the_seed(box_recognizer):
+    embedder = load_box_embedder(box_recognizer)
+    pixels = (torch.rand(2, 3, 64, 64) * 2 - 1).requires_grad_(True)
+    boxes = torch.tensor([[0.3, 0.3, 0.7, 0.7], [0.2, 0.25, 0.6, 0.65]])
+    exact = embedder.views(pixels, boxes, 4, 0.0)
+    assert exact.shape == (1, 2, 16) and torch.equal(exact[0], embedder(pixels, boxes)), "jitter 0: the exact crop"
+    views = embedder.views(pixels, boxes, 4, 0.2, torch.Generator().manual_seed(0))
+    assert views.shape == (4, 2, 16) and torch.allclose(views.norm(dim=-1), torch.ones(4, 2), atol=1e-5)
+    assert (views - exact).abs().amax(-1).min() > 1e-4, "every view is another crop of the face"
+    again = embedder.views(pixels, boxes, 4, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(views, again), "the training generator makes the views, so a resumed run repeats them"
+    views.sum().backward()
+    grad = pixels.grad.abs().sum(1)[0]
+    assert grad[26:38, 26:38].sum() > 0 and grad[:8].sum() == 0, "gradients from the face, none from far outside it"
+    for count, jitter in ((0, 0.1), (2, 0.5), (2, -0.1)):
+        with pytest.raises(ValueError, match="views need count >= 1"):
+            embedder.views(pixels, boxes, count, jitter)
+    with pytest.raises(ValueError, match="id_loss_views must be >= 1"):
+        resolve("toy", 3, stage_overrides={"id_loss_jitter": 0.5})
+
+
 def test_the_identity_loss_is_added_on_case_a_samples_below_its_timestep(box_recognizer, tmp_path):
     from hyperlora.train.data import sample_batch
     from hyperlora.train.loop import setup_stage
@@ -182,3 +203,9 @@ def test_the_sampling_path_identity_loss_reads_one_face_per_person_and_reaches_t
     assert "loss_id" not in dropped_stats, "a prompt dropped to '' names no one: no path"
     with pytest.raises(ValueError, match="id_loss_path_steps must be >= 0"):
         dataclasses.replace(config.stage, id_loss_path_steps=-1)
+    jittered = dataclasses.replace(config.stage, id_loss_views=3, id_loss_jitter=0.2)
+    _, jittered_stats = stage_loss(LoRAGenerator(model), trainer.unet, trainer.scheduler, batch, jittered,
+                                   snr_gamma=None, rng=torch.Generator().manual_seed(1), has_base=True,
+                                   identity=dataclasses.replace(trainer.identity, analyzer=_CentreFace(True)))  # fmt: skip
+    assert 0 < jittered_stats["loss_id"] <= 2 and jittered_stats["loss_id"] != pytest.approx(stats["loss_id"]), \
+        "the views' mean cosine is another figure than the exact crop's"  # fmt: skip

@@ -61,6 +61,9 @@ class StageConfig:
     # id_loss_samples images a batch, at guidance id_loss_guidance)
     id_loss_guidance: float = 5.0  # the sampling path's classifier-free guidance (the evaluation harness's)
     id_loss_samples: int = 8  # sampling paths per batch: the first captioned case (a) sample of each person's group
+    id_loss_views: int = 1  # the path's identity loss averages the cosine over this many random views of each face
+    id_loss_jitter: float = 0.0  # of this strength (box moved and scaled, blurred, mirrored: `FaceEmbedder.views`),
+    # so that a face change fooling the recogniser from one exact crop only does not pay. 0: the one exact crop
 
     def __post_init__(self):
         self.train_groups, self.id_inputs = tuple(self.train_groups), tuple(self.id_inputs)
@@ -84,6 +87,9 @@ class StageConfig:
         if self.id_loss_path_steps < 0 or self.id_loss_samples < 1 or not self.id_loss_guidance >= 1:
             raise ValueError(f"id_loss_path_steps must be >= 0, id_loss_samples >= 1 and id_loss_guidance >= 1, got "
                              f"{self.id_loss_path_steps}, {self.id_loss_samples}, {self.id_loss_guidance}")  # fmt: skip
+        if self.id_loss_views < 1 or not 0 <= self.id_loss_jitter < 0.5:
+            raise ValueError(f"id_loss_views must be >= 1 and 0 <= id_loss_jitter < 0.5, got {self.id_loss_views}, "
+                             f"{self.id_loss_jitter}")  # fmt: skip
         if self.max_timestep < 0:
             raise ValueError(f"max_timestep must be >= 0 (0: every training timestep), got {self.max_timestep}")
         if self.targets_per_reference < 1:

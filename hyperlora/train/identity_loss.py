@@ -61,6 +61,31 @@ class FaceEmbedder(nn.Module):
     def forward(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.recognizer(box_crops(pixels, boxes, self.crop_size, self.expand)), dim=-1)
 
+    def views(self, pixels: torch.Tensor, boxes: torch.Tensor, count: int, jitter: float,
+              generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+        """Unit embeddings [count, B, D] of `count` random views of each face: the box's centre moved by up to
+        `jitter` of its size, its size scaled by 1 +- jitter, the crop read at a resolution down to 1 - 2 x jitter
+        of the recogniser's (bilinear down and up: a random blur) and mirrored half the time. Averaging a loss over
+        them is expectation over transformation, as the random cut-outs of CLIP-guided generation: a change that
+        fools the recogniser from one exact crop only no longer pays. jitter 0: `forward`, once."""
+        if not 0 <= jitter < 0.5 or count < 1:
+            raise ValueError(f"views need count >= 1 and 0 <= jitter < 0.5, got {count}, {jitter}")
+        if jitter == 0:
+            return self(pixels, boxes)[None]
+        boxes = boxes.float()
+        size, centre = boxes[:, 2:] - boxes[:, :2], (boxes[:, :2] + boxes[:, 2:]) / 2
+        out = []
+        for _ in range(count):
+            u = (torch.rand(len(boxes), 4, generator=generator) * 2 - 1).to(boxes.device)
+            moved, half = centre + u[:, :2] * jitter * size, size / 2 * (1 + jitter * u[:, 2:3])
+            side = round(self.crop_size * (1 - 2 * jitter * float(torch.rand(1, generator=generator))))
+            crops = box_crops(pixels, torch.cat([moved - half, moved + half], 1), max(side, 8), self.expand)
+            crops = F.interpolate(crops, size=self.crop_size, mode="bilinear", align_corners=False)
+            mirrored = (torch.rand(len(boxes), generator=generator) < 0.5).to(crops.device)
+            crops = torch.where(mirrored[:, None, None, None], crops.flip(-1), crops)
+            out.append(F.normalize(self.recognizer(crops), dim=-1))
+        return torch.stack(out)
+
 
 def predicted_x0(scheduler: DDPMScheduler, noisy: torch.Tensor, timesteps: torch.Tensor,
                  prediction: torch.Tensor) -> torch.Tensor:  # fmt: skip
@@ -134,14 +159,16 @@ def face_boxes(analyzer: FaceAnalyzer, pixels: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-def sampled_identity(embedder: FaceEmbedder, vae, analyzer: FaceAnalyzer, latents: torch.Tensor,
-                     goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def sampled_identity(embedder: FaceEmbedder, vae, analyzer: FaceAnalyzer, latents: torch.Tensor, goal: torch.Tensor,
+                     *, views: int = 1, jitter: float = 0.0,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """1 - cosine between the face generated in `latents` (decoded, found by `analyzer`, embedded) and the unit
-    embeddings `goal`, for the samples where a face is found: (losses [F], their rows [F])."""
+    embeddings `goal`, for the samples where a face is found: (losses [F], their rows [F]). With jitter > 0, the
+    cosine is the mean over `views` random views of the face (`FaceEmbedder.views`)."""
     pixels = decode(vae, latents)
     boxes = face_boxes(analyzer, pixels)
     rows = (~boxes.isnan().any(1)).nonzero().squeeze(1).to(latents.device)
     if not len(rows):
         return latents.new_zeros(0), rows
-    made = embedder(pixels[rows], boxes[rows.cpu()])
-    return 1 - (made * goal[rows]).sum(-1), rows
+    made = embedder.views(pixels[rows], boxes[rows.cpu()], views, jitter, generator)  # [V, F, D]
+    return 1 - (made * goal[rows]).sum(-1).mean(0), rows

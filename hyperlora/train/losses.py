@@ -184,7 +184,8 @@ def path_identity(identity: IdentityTerm, unet, scheduler: DDPMScheduler, batch:
     latents = sample_path(denoise, noise, scheduler, stage.id_loss_path_steps)
     with torch.no_grad():
         goal = identity.embedder(decode(identity.vae, batch["latents"][rows]), batch["face_box"][rows])
-    return sampled_identity(identity.embedder, identity.vae, identity.analyzer, latents, goal)
+    return sampled_identity(identity.embedder, identity.vae, identity.analyzer, latents, goal,
+                            views=stage.id_loss_views, jitter=stage.id_loss_jitter, generator=rng)
 
 
 def face_weights(batch: dict, size: tuple[int, int], weight: float) -> torch.Tensor | float:

@@ -5,7 +5,8 @@
 #   run.sh teachers N OUT   continue those teachers (people 0-7, 2,200 steps) to 2,500 steps with the identity loss
 #                           read on N-step sampling paths (N = 0: its one-step form, the control)
 #   run.sh rows OUT         their K = 32 bases and coef_rows on the 8 people, ID weight 1.0
-#   run.sh branch NAME N W  500 more stage-3 steps from the shipped checkpoint, path identity loss N steps, weight W
+#   run.sh branch NAME N W [V J]  500 more stage-3 steps from the shipped checkpoint, path identity loss N steps,
+#                           weight W, its cosine averaged over V random views of jitter J (session 23; default 1, 0)
 #   run.sh eval NAME CK [W] 16 val people, prompts 0, 1, 5, 9 x 2 seeds, ID weight W (2.5)
 set -e
 cd /work/main && source .venv/bin/activate
@@ -25,8 +26,9 @@ case "$1" in
   branch)
     python -m hyperlora.train --preset toy --stage 3 --init data/toy/hyperlora --steps 500 --lr 1e-4 \
       --warmup-steps 50 --train-groups id_basis,resampler_core,clip_path,arcface_path --cache-dir runs/train/cache \
-      --threads 1 --id-loss-weight "$4" --id-loss-path-steps "$3" --id-recognizer $REC --out $R/$2 ;;
+      --threads 1 --id-loss-weight "$4" --id-loss-path-steps "$3" --id-recognizer $REC \
+      --id-loss-views "${5:-1}" --id-loss-jitter "${6:-0}" --out $R/$2 ;;
   eval) python -m eval.run --world toy --checkpoint "$3" --split val --num-identities 16 --prompts 0,1,5,9 \
           --seeds-per-prompt 2 --id-scale "${4:-2.5}" --methods hyperlora,hyperlora_other --out $R/eval_$2 ;;
-  *) echo "usage: run.sh teachers N OUT | rows OUT | branch NAME N W | eval NAME CHECKPOINT [ID_WEIGHT]" >&2; exit 2 ;;
+  *) echo "usage: run.sh teachers N OUT | rows OUT | branch NAME N W [V J] | eval NAME CHECKPOINT [ID_WEIGHT]" >&2; exit 2 ;;
 esac
