@@ -12,6 +12,7 @@ conventions:
     clip_i_disruption   clip_i_disruption: generated vs same-seed image without the LoRA (PuLID's CLIP-I)
     lpips_diversity     lpips_diversity: pairwise across seeds of one prompt and identity
     lpips_preservation  lpips_preservation: vs the same seed without the LoRA, face masked out
+    face_texture        face_texture: high-frequency energy inside the face box (paired differences only)
     keypoint_error      error_px, error_iod, detection_rate: detected face keypoints vs a control's (ControlNet)
     look_leakage        leakage_mean: copies of the reference's look the prompt asked to change (toy)
     prompt_adherence    adherence_mean: prompted look values present in the image (toy)
@@ -127,6 +128,23 @@ def pixel_change(images, baseline_images) -> dict:
         raise ValueError(f"images {list(x.shape)} and baseline_images {list(y.shape)} must be paired and the same size")
     per_image = (x - y).abs().flatten(1).mean(1).numpy().astype(np.float64)
     return {"pixel_change": float(per_image.mean()), "per_image": per_image, "n": len(per_image)}
+
+
+def face_texture(images, masks) -> dict:
+    """How busy each generated face is: the mean absolute 4-neighbour Laplacian (every channel, pixels in [0, 1])
+    inside its face mask (bool [N, H, W]). Model-free, so real in every world; it reads as a paired difference to a
+    control on the same people, prompts and seeds (an identity loss that fools its recogniser with colour blotches
+    raises it; issue 17), not as an absolute, since it scales with the image size and the person's own features."""
+    x = image_batch(images)  # [N, 3, H, W] in [0, 1]
+    masks = torch.as_tensor(np.asarray(masks, dtype=bool))
+    if masks.shape != (x.shape[0], *x.shape[-2:]):
+        raise ValueError(f"masks must be bool [N, H, W] = {[x.shape[0], *x.shape[-2:]]}, got {list(masks.shape)}")
+    lap = (4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]).abs()
+    inside = masks[:, 1:-1, 1:-1].float()
+    per_image = (lap.mean(1) * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
+    per_image = torch.where(inside.flatten(1).any(1), per_image, torch.nan).numpy().astype(np.float64)
+    return {"face_texture": float(np.nanmean(per_image)) if np.isfinite(per_image).any() else float("nan"),
+            "per_image": per_image, "n": int(np.isfinite(per_image).sum())}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

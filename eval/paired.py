@@ -47,7 +47,7 @@ def paired_table(records: list[dict], control: str, key: str = "id_sim") -> list
     """One row per variant, in first-seen order: its mean `key` and its paired gap to `control` (None for it)."""
     table = []
     for variant in dict.fromkeys(r["variant"] for r in records):
-        values = [r[key] for r in records if r["variant"] == variant and r.get(key) is not None]
+        values = [r[key] for r in records if r["variant"] == variant and r.get(key) is not None and np.isfinite(r[key])]
         gap = paired_gap(records, variant, control, key) if variant != control else None
         table.append({"variant": variant, "n_images": len(values),
                       "mean": float(np.mean(values)) if values else float("nan"), "gap": gap})  # fmt: skip

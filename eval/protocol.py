@@ -340,9 +340,11 @@ def score_batch(world, identity: dict, prompt: Prompt, images: np.ndarray, basel
     for row, t, f in zip(rows, metrics.clip_t(clip, text)["per_image_cosine"],
                          metrics.clip_i_fidelity(clip, identity["clip_embedding"])["per_image"]):  # fmt: skip
         row.update(clip_t=float(t), clip_i_fidelity=float(f))
+    masks = _face_masks(world, images, identity["mean_mask"])
+    for row, texture in zip(rows, metrics.face_texture(images, masks)["per_image"]):
+        row["face_texture"] = float(texture)
     if baseline is not None:
         disruption = metrics.clip_i_disruption(clip, world.clip(baseline))["per_image"]
-        masks = _face_masks(world, images, identity["mean_mask"])
         preservation = metrics.lpips_preservation(images, baseline, masks, world.lpips)["per_image"]
         change = metrics.pixel_change(images, baseline)["per_image"]
         for row, d, p, c in zip(rows, disruption, preservation, change):

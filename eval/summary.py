@@ -37,7 +37,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 # Summaries and grids
 
 PER_IMAGE = ("id_sim", "clip_t", "clip_i_fidelity", "clip_i_disruption", "lpips_preservation", "pixel_change",
-             "trait_match")
+             "trait_match", "face_texture")
 
 
 def _seed_matrix(rows: list[dict], key: str) -> np.ndarray | None:

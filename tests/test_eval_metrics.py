@@ -9,8 +9,8 @@ from PIL import Image
 
 from eval.extractors import (ClipExtractor, FaceEmbeddingExtractor, LPIPSModel, RandomTrunkWarning, image_batch,
                              trunk_weights_path)  # fmt: skip
-from eval.metrics import (clip_i, clip_i_disruption, clip_i_fidelity, clip_t, id_similarity, look_leakage,
-                          lpips_diversity, lpips_preservation, prompt_adherence, summarize)  # fmt: skip
+from eval.metrics import (clip_i, clip_i_disruption, clip_i_fidelity, clip_t, face_texture, id_similarity,
+                          look_leakage, lpips_diversity, lpips_preservation, prompt_adherence, summarize)  # fmt: skip
 from eval.prompts import NEUTRAL, Prompt, load_prompts, neutral_prompt, toy_prompt_text
 from hyperlora.conditioning.faces import Face, FaceAnalyzer
 from hyperlora.toy.identity import LOOK_ATTRIBUTES
@@ -255,3 +255,19 @@ def test_toy_prompt_text_refuses_what_captions_cannot_say():
                 {"expression": "sleepy"}, {"mood": "calm"}):  # fmt: skip
         with pytest.raises(ValueError):
             toy_prompt_text(bad)
+
+
+def test_face_texture_reads_the_busy_face_inside_its_mask_only():
+    flat = np.full((32, 32, 3), 140, np.uint8)
+    blotched = flat.copy()
+    blotched[8:24:2, 8:24:2] = (30, 60, 220)  # blue specks inside the face box
+    outside = flat.copy()
+    outside[28:31:2, 2:30:2] = 0  # specks outside it (and its edge)
+    masks = np.zeros((4, 32, 32), bool)
+    masks[:3, 6:26, 6:26] = True  # the fourth image: no face found
+    result = face_texture(np.stack([flat, blotched, outside, blotched]), masks)
+    per_image = result["per_image"]
+    assert per_image[0] < 1e-6 and per_image[1] > 0.1 and per_image[2] < 1e-6, "only what is inside the mask counts"
+    assert np.isnan(per_image[3]) and result["n"] == 3 and result["face_texture"] == pytest.approx(per_image[:3].mean())
+    with pytest.raises(ValueError, match="masks must be bool"):
+        face_texture(np.stack([flat]), masks)

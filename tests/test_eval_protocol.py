@@ -75,6 +75,8 @@ def test_run_writes_every_file_and_labels_every_row(first_run):
     csv_text = (out / "summary.csv").read_text()
     assert csv_text.count(PLUMBING) == len(variants) and "UNTRAINED" in csv_text
     assert len(read_records(out)) == len(variants) * 2 * 2  # 1 identity x 2 prompts x 2 seeds
+    assert all(r["face_texture"] >= 0 for r in read_records(out)), "every image's face is read, found or not"
+    assert all(row["face_texture"] >= 0 for row in summary["rows"])
     assert len(format_table(summary["rows"]).splitlines()) == 1 + len(variants)
 
 

@@ -84,6 +84,35 @@ def test_rescore_adds_trait_match_to_a_saved_run_and_pairs_the_control(tmp_path,
         rescore(run, tmp_path / "traits")
 
 
+def test_face_texture_is_added_to_a_saved_toy_run_and_nothing_else_changes(tmp_path):
+    from PIL import Image
+
+    from eval.rescore import add_face_texture, main
+    from hyperlora.toy.render import render_sample
+
+    run = tmp_path / "run"
+    (run / "images").mkdir(parents=True)
+    records = []
+    for variant, specks in (("hyperlora", False), ("hyperlora_other", True)):
+        image = render_sample(0, 0, seed=0, size=128).image.copy()
+        if specks:  # colour specks over the whole picture, the face included
+            image[::3, ::3] = (30, 60, 220)
+        name = f"images/{variant}.png"
+        Image.fromarray(image).save(run / name)
+        records.append({"variant": variant, "identity": 0, "prompt_index": 0, "seed_index": 0, "id_sim": 0.1,
+                        "image": name})  # fmt: skip
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "config.json").write_text(json.dumps({"config": {"world": "toy"}}))
+    means = add_face_texture(run)
+    backfilled = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "face_texture"} for r in backfilled] == records
+    assert means["hyperlora_other"] > means["hyperlora"] > 0, "the specked face is the busier one"
+    assert main(["--face-texture", str(run)]) == 0 and add_face_texture(run) == means, "a second pass adds nothing"
+    (run / "config.json").write_text(json.dumps({"config": {"world": "sdxl"}}))
+    with pytest.raises(ValueError, match="only toy runs"):
+        add_face_texture(run)
+
+
 def test_toy_info_lists_the_shipped_reader():
     from hyperlora.toy.build import info
 
