@@ -286,6 +286,23 @@ def test_ship_takes_a_snapshot_of_a_stage_stopped_early_as_the_last_stage(schedu
         ship([snap, schedule / "stage3"], tmp_path / "wrong")
 
 
+def test_ship_carries_a_shipped_models_stages_into_the_card_of_a_continuation(schedule, tmp_path):
+    from hyperlora.train.ship import ship
+
+    parent = ship([schedule / "stage1", schedule / "stage2"], tmp_path / "parent")
+    out = ship([parent, schedule / "stage3"], parent, overwrite=True)  # continued from it, shipped in its place
+    card = json.loads((out / "model_card.json").read_text())
+    assert [s["stage"] for s in card["stages"]] == [1, 2, 3]
+    assert [s.get("carried_from") for s in card["stages"]] == [str(parent), str(parent), None]
+    assert card["figures"]["stages"][-1]["steps"] == card["stages"][-1]["steps"]
+    shipped, last = _state(out), _state(schedule / "stage3" / "hyperlora")
+    assert all(torch.equal(shipped[k], last[k]) for k in last), "the weights are the continuation's"
+    with pytest.raises(ValueError, match="can only come first"):
+        ship([schedule / "stage3", out], tmp_path / "wrong")
+    with pytest.raises(ValueError, match="can only come first"):
+        ship([out], tmp_path / "alone")
+
+
 def test_ship_records_the_id_weight_its_evaluation_measured_and_every_default_uses_it(schedule, tmp_path):
     from eval.protocol import EvalConfig
     from hyperlora.checkpoint import RELEASE_ID_WEIGHT, CheckpointError, recommended_id_weight

@@ -5,7 +5,9 @@ four files, `base_resampler.safetensors` where there is a Base-LoRA, and `config
 (`model_card.json` and `README.md`) holding every stage's resolved config, command line and git commit, its steps,
 seconds and final validation figures, the total training time and, with --eval, the evaluation harness's rows (ID
 similarity, CLIP-T, ...) with its label. STAGE_DIRs are the stages' run folders in training order (each holding
-`done.json`), or one schedule folder holding stage1/, stage2/, stage3/. The weights must stay under --max-mb (a
+`done.json`), or one schedule folder holding stage1/, stage2/, stage3/. The first may be a model folder shipped
+before (its `model_card.json`), when the later stages continued from it (`--init`): its card's stages are carried
+into the new card, so a fine-tuned continuation keeps the whole recipe. The weights must stay under --max-mb (a
 shipped toy model is at most 25 MB).
 """
 
@@ -21,6 +23,7 @@ from ..checkpoint import load_checkpoint
 from .loop import DONE_FILE, logged_seconds
 
 CHECKPOINT = "hyperlora"  # the exported folder inside a stage's run folder
+CARD = "model_card.json"  # a shipped model folder's card (hyperlora.toy.cards)
 EVAL_FIGURES = ("id_sim", "id_sim_std", "trait_match", "clip_t", "clip_i_fidelity", "adherence_mean", "leakage_mean",
                 "lpips_diversity", "face_failure_rate", "n_images", "n_identities", "weights", "label")  # fmt: skip
 
@@ -39,6 +42,11 @@ def stage_folders(paths: list[str | Path]) -> list[Path]:
     a snapshot folder."""
     folders = []
     for index, path in enumerate(map(Path, paths)):
+        if (path / CARD).is_file() and not (path / DONE_FILE).is_file():
+            if index != 0 or len(paths) == 1:
+                raise ValueError(f"{path}: a shipped model can only come first, before the stages continued from it")
+            folders.append(path)
+            continue
         if snapshot_step(path) is not None:
             if index != len(paths) - 1:
                 raise ValueError(f"{path}: a snapshot of an unfinished stage can only be the last stage shipped")
@@ -59,6 +67,18 @@ def _validation_at(path: Path, step: int | None) -> dict:
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     lines = [line for line in lines if step is None or line["step"] <= step]
     return lines[-1] if lines else {}
+
+
+def stage_records(folder: Path) -> list[dict]:
+    """The card's records of one stage folder, or of every stage a shipped model's card holds (each marked with
+    `carried_from`, the model folder, and the commit that shipped it)."""
+    if not (folder / CARD).is_file() or (folder / DONE_FILE).is_file():
+        return [stage_record(folder)]
+    card = json.loads((folder / CARD).read_text())
+    if not card.get("stages"):
+        raise ValueError(f"{folder}: its {CARD} lists no stages, so the recipe it continues is unknown")
+    return [{**record, "carried_from": str(folder), "carried_card_commit": card.get("git_commit")}
+            for record in card["stages"]]  # fmt: skip
 
 
 def stage_record(folder: Path) -> dict:
@@ -116,7 +136,7 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
     id_weight = _id_weight(evaluation_figures, id_weight)
     if id_weight is not None and id_weight <= 0:
         raise ValueError(f"id_weight {id_weight}: the ID-LoRA weight must be positive")
-    records = [stage_record(f) for f in folders]
+    records = [record for f in folders for record in stage_records(f)]  # read before `out` may be replaced
     source = Path(records[-1].get("snapshot") or folders[-1] / CHECKPOINT)  # a snapshot is the checkpoint itself
     load_checkpoint(source)  # a checkpoint that does not load is never shipped
     size = folder_megabytes(source)
