@@ -4,6 +4,7 @@ python docs/ablations/bases_reach16/figure.py OUT.png  (reads the eval.run image
 python docs/ablations/bases_reach16/figure.py OUT.png "LABEL=RUN:VARIANT" ...  (other columns, same people)
     --people A:B    the runs' people A..B-1 (default 0:6; their rows of the first run's grid)
     --train         training people (image names are their ids; val people's are 900000 + index)
+    --test          test people (1000000 + index)
 """
 
 import sys
@@ -23,9 +24,13 @@ if "--people" in args:
     start, end = map(int, args.pop(at + 1).split(":"))
     args.pop(at)
     PEOPLE = range(start, end)
+SPLIT = "val"
 if "--train" in args:
     args.remove("--train")
-    ID_BASE -= 900000
+    ID_BASE, SPLIT = 0, "train"
+if "--test" in args:
+    args.remove("--test")
+    ID_BASE, SPLIT = 1000000, "test"
 if args:
     RUNS = {arg.split("=", 1)[0]: tuple(arg.split("=", 1)[1].rsplit(":", 1)) for arg in args}
 CELL = 128  # the eval grids' cell: two references, a gap, then the generations
@@ -43,7 +48,7 @@ for row, person in zip(axes, PEOPLE):
             if person == PEOPLE[0]:
                 row[column].set_title(f"{label}\nprompt {prompt}", fontsize=9)
             column += 1
-    row[0].set_ylabel(f"{'val' if ID_BASE else 'train'} {person}")
+    row[0].set_ylabel(f"{SPLIT} {person}")
 axes[0][0].set_title("reference", fontsize=9)
 for ax in axes.flat:
     ax.set_xticks([])
