@@ -127,7 +127,8 @@ def test_the_shipped_hyperlora_loads_by_default_and_its_coefficients_tell_held_o
 
     assert _folder_mb(HYPERLORA) <= 25.5, "a shipped toy HyperLoRA takes at most 25 MB (its card and README aside)"
     card = json.loads((HYPERLORA / "model_card.json").read_text())
-    assert [s["stage"] for s in card["stages"]] == [1, 3] and card["figures"]["evaluation"]["control_gap"]["id_sim"]
+    stages = [s["stage"] for s in card["stages"]]  # stage 1, stage 3, then stage-3 continuations
+    assert stages[:2] == [1, 3] and set(stages[2:]) <= {3} and card["figures"]["evaluation"]["control_gap"]["id_sim"]
     pipe = HyperLoRAPipeline.from_pretrained("toy")  # no checkpoint given: the shipped one
     assert pipe.hyperlora.config.has_base_lora and "UNTRAINED" not in pipe.label
     assert pipe.id_weight == card["figures"]["evaluation"]["id_scale"], "the default ID weight is the card's"
