@@ -21,9 +21,9 @@ end. DIR gets
     eval/             the harness's run folder (summary.json, records, grids)
     summary.json      written last: the settings, training seconds and final validation figures per stage, ID
                       similarity with the person's own references, with the next person's, their gap, the base
-                      model's, CLIP-T and adherence (scored at `--id-weight`, default 2.5: the shipped toy model's),
-                      with the harness's label, and the coefficient re-identification of `--reid-people` held-out
-                      people (`reid_top1`). Always `"reduced_size": true`.
+                      model's, CLIP-T and adherence (scored at `--id-weight`, default 2.5: that recipe's, which
+                      has no identity loss), with the harness's label, and the coefficient re-identification of
+                      `--reid-people` held-out people (`reid_top1`). Always `"reduced_size": true`.
 A failure prints its traceback, ends with the error's line, leaves no summary.json and exits 1 (bad values: 2).
 --resume continues a point whose training was interrupted (finished stages are kept, evaluation reruns).
 """
