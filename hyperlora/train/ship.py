@@ -77,8 +77,8 @@ def stage_records(folder: Path) -> list[dict]:
     card = json.loads((folder / CARD).read_text())
     if not card.get("stages"):
         raise ValueError(f"{folder}: its {CARD} lists no stages, so the recipe it continues is unknown")
-    return [{**record, "carried_from": str(folder), "carried_card_commit": card.get("git_commit")}
-            for record in card["stages"]]  # fmt: skip
+    return [{"carried_from": str(folder), "carried_card_commit": card.get("git_commit"), **record}
+            for record in card["stages"]]  # fmt: skip  (a stage carried twice keeps its first card's marks)
 
 
 def stage_record(folder: Path) -> dict:
