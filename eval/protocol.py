@@ -314,15 +314,24 @@ def load_world(config: EvalConfig):
 # Features of one (identity, prompt) batch -> per-image records
 
 
+def face_box_mask(analyzer, image: np.ndarray) -> np.ndarray | None:
+    """Bool [H, W]: the first face `analyzer` detects in `image` (uint8 [H, W, 3]), its box; None when none is found."""
+    faces = analyzer.detect(Image.fromarray(image))
+    if not faces:
+        return None
+    x0, y0, x1, y1 = (round(v) for v in faces[0].bbox)
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[max(y0, 0) : y1, max(x0, 0) : x1] = True
+    return mask
+
+
 def _face_masks(world, images: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """Bool [N, H, W]: the judge's detected face box per image, else the references' mean face mask."""
     masks = np.repeat(fallback[None], len(images), 0)
     for i, image in enumerate(images):
-        faces = world.face_judge.analyzer.detect(Image.fromarray(image))
-        if faces:
-            x0, y0, x1, y1 = (int(round(v)) for v in faces[0].bbox)
-            masks[i] = False
-            masks[i, max(y0, 0) : y1, max(x0, 0) : x1] = True
+        mask = face_box_mask(world.face_judge.analyzer, image)
+        if mask is not None:
+            masks[i] = mask
     return masks
 
 

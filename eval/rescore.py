@@ -52,6 +52,7 @@ def add_face_texture(run_dir: str | Path, faces: str | Path = "data/toy/faces") 
     from hyperlora.toy.face_backend import ToyFaceAnalyzer
 
     from .metrics import face_texture
+    from .protocol import face_box_mask
 
     run = Path(run_dir)
     if json.loads((run / "config.json").read_text())["config"]["world"] != "toy":
@@ -62,11 +63,9 @@ def add_face_texture(run_dir: str | Path, faces: str | Path = "data/toy/faces") 
         if "face_texture" in record:
             continue
         image = np.asarray(Image.open(run / record["image"]).convert("RGB"))
-        mask = np.zeros(image.shape[:2], dtype=bool)
-        found = analyzer.detect(Image.fromarray(image))
-        if found:  # as the harness: the first face's box (no face: NaN, where the harness falls back to a mean box)
-            x0, y0, x1, y1 = (round(v) for v in found[0].bbox)
-            mask[max(y0, 0) : y1, max(x0, 0) : x1] = True
+        mask = face_box_mask(analyzer, image)  # as the harness; no face: NaN (the harness falls back to a mean box)
+        if mask is None:
+            mask = np.zeros(image.shape[:2], dtype=bool)
         record["face_texture"] = float(face_texture(image[None], mask[None])["per_image"][0])
     (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     variants = {}
