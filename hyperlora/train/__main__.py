@@ -3,7 +3,9 @@ r"""`python -m hyperlora.train --preset toy --stages 1,2,3 --out runs/train/NAME
 One loop, three stages (facts §5.2): 1 the Base-LoRA from face-blurred images; 2 the ID-LoRA from CLIP
 features of the masked face; 3 the ID-LoRA's ArcFace path with the CLIP path frozen. `--stage N` runs one
 stage (`--init` the previous stage's `model/` folder); `--stages 1,2,3` runs them in order, each starting
-from the one before, in NAME/stage{N}/. Flags are the fields of HyperLoRAConfig (the hypernetwork),
+from the one before, in NAME/stage{N}/. A preset may name phases, "N-label", that run stage N in other
+settings (`--stages 1,3,3-path` runs stage 3 twice, the second time in NAME/stage3-path/); without --stage
+and --stages the preset's "schedule" runs (toy_fast: `python -m hyperlora.train --preset toy_fast --out DIR`). Flags are the fields of HyperLoRAConfig (the hypernetwork),
 TrainConfig (the run) and StageConfig (given once, they apply to every stage run); the preset
 (hyperlora/train/presets/*.json) fills the rest. An interrupted run continues with the same command and
 --resume. Several processes: `accelerate launch --multi_gpu --num_processes N -m hyperlora.train ...` (on CPUs
@@ -20,7 +22,7 @@ import sys
 import typing
 
 from ..config import HyperLoRAConfig
-from .config import STAGES, StageConfig, TrainConfig, list_train_presets, resolve
+from .config import StageConfig, TrainConfig, list_train_presets, preset_schedule, resolve
 from .loop import train_schedule
 
 SECTIONS = {"model": HyperLoRAConfig, "run": TrainConfig, "stage": StageConfig}
@@ -45,9 +47,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hyperlora.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--preset", default="toy", choices=list_train_presets())
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--stage", type=int, choices=STAGES)
-    which.add_argument("--stages", type=lambda v: [int(s) for s in v.split(",")], help="e.g. 1,2,3")
+    which = p.add_mutually_exclusive_group()  # neither: the preset's "schedule" (the paper's 1,2,3)
+    which.add_argument("--stage", help="a stage (1, 2, 3) or a preset's phase (e.g. 3-path)")
+    which.add_argument("--stages", type=lambda v: [s for s in v.split(",") if s], help="e.g. 1,2,3 or 1,3,3-path")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--init", default=None, help="start from this checkpoint folder (e.g. a stage's model/)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its newest checkpoint")
@@ -76,13 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     given = {section: {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(section + ".") and v is not None}
              for section in SECTIONS}  # fmt: skip
-    stages = args.stages or [args.stage]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        print(f"error: unknown stages {bad}; stages are {STAGES}", file=sys.stderr)
+    stages = args.stages or ([args.stage] if args.stage is not None else preset_schedule(args.preset))
+    if len(set(stages)) < len(stages):
+        print(f"error: --stages {','.join(stages)} runs a phase twice; label the second (e.g. 3-path)", file=sys.stderr)
         return 2
-    configs = [resolve(args.preset, s, model=given["model"], run=given["run"], stage_overrides=given["stage"])
-               for s in stages]  # fmt: skip
+    try:
+        configs = [resolve(args.preset, s, model=given["model"], run=given["run"], stage_overrides=given["stage"])
+                   for s in stages]  # fmt: skip
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.stage is not None:
         from .loop import train_stage
 
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                            command=sys.argv)  # fmt: skip
     else:
         path = train_schedule(configs, args.out, init=args.init, resume=args.resume, progress=not args.quiet,
-                              command=sys.argv)  # fmt: skip
+                              command=sys.argv, phases=stages)  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process
         print(f"trained hypernetwork: {path} (float32); users load the export beside it: {path.parent / 'hyperlora'}")
     return 0

@@ -1,8 +1,11 @@
 """Training configuration: one dataclass for the run, one per stage, JSON presets that hold only what differs.
 
-A preset file (`hyperlora/train/presets/<name>.json`) has three optional sections:
+A preset file (`hyperlora/train/presets/<name>.json`) has these optional sections (and "schedule", the phases
+it runs by default, and "extends", a preset it starts from: `load_preset`):
     {"model": {HyperLoRAConfig fields}, "run": {TrainConfig fields}, "stages": {"1": {StageConfig fields}, ...}}
-Everything not named there keeps the dataclass default below; unknown keys raise. The resolved
+Everything not named there keeps the dataclass default below; unknown keys raise. A "stages" key may also name a
+phase, "N-label" (for example "3-path"): stage N run with the plain "N" entry's values and then its own, so that
+one schedule can run a stage twice in two settings (`--stages 1,3,3-path`). The resolved
 configuration of a stage is written into every run folder and checkpoint, so a run reloads with
 nothing else (STYLE rule 3).
 """
@@ -188,25 +191,57 @@ def list_train_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("hyperlora.train.presets").iterdir() if p.name.endswith(".json"))
 
 
-def load_preset(name: str) -> dict:
-    """The preset's sections as written (only what differs from the defaults)."""
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The preset's sections as written (only what differs from the defaults). `"extends": "toy"` starts from that
+    preset: its model and run sections are updated key by key, and each of its stages' entries likewise."""
     path = resources.files("hyperlora.train.presets") / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"unknown training preset {name!r}; presets: {list_train_presets()}")
     values = json.loads(path.read_text())
     values.pop("_comment", None)
-    unknown = set(values) - {"model", "run", "stages"}
+    unknown = set(values) - {"model", "run", "stages", "schedule", "extends"}
     if unknown:
-        raise ValueError(f"{path}: unknown sections {sorted(unknown)}; sections: model, run, stages")
-    return values
+        raise ValueError(f"{path}: unknown sections {sorted(unknown)}; sections: model, run, stages, schedule, extends")
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    if parent in (*_seen, name):
+        raise ValueError(f"preset {name!r} extends itself through {[*_seen, name, parent]}")
+    merged = load_preset(parent, (*_seen, name))
+    for section in ("model", "run"):
+        merged[section] = {**merged.get(section, {}), **values.get(section, {})}
+    stages = merged.setdefault("stages", {})
+    for key, entry in values.get("stages", {}).items():
+        stages[key] = {**stages.get(key, {}), **entry}
+    if "schedule" in values:
+        merged["schedule"] = values["schedule"]
+    return merged
 
 
-def resolve(preset: str, stage: int, *, model: dict | None = None, run: dict | None = None,
+def preset_schedule(name: str) -> list[str]:
+    """The phases a preset runs when neither --stage nor --stages is given (its "schedule"; the paper's 1, 2, 3)."""
+    return [str(p) for p in load_preset(name).get("schedule", STAGES)]
+
+
+def phase_stage(phase: int | str) -> int:
+    """The stage a schedule phase runs: 3 or "3" is stage 3, and "3-path" a labelled phase of it."""
+    number, dash, label = str(phase).partition("-")
+    if not number.isdigit() or int(number) not in STAGES or (dash and not label):
+        raise ValueError(f"unknown stage or phase {phase!r}: a stage {STAGES} or a preset's phase 'N-label'")
+    return int(number)
+
+
+def resolve(preset: str, stage: int | str, *, model: dict | None = None, run: dict | None = None,
             stage_overrides: dict | None = None) -> RunConfig:  # fmt: skip
-    """Preset + overrides -> the RunConfig of one stage (unknown keys raise)."""
+    """Preset + overrides -> the RunConfig of one stage or labelled phase ("3-path"; unknown keys raise)."""
     values = load_preset(preset)
     stages = values.get("stages", {})
-    stage_values = {**stages.get(str(stage), {}), **(stage_overrides or {}), "stage": stage}
+    number = phase_stage(stage)
+    if str(stage) != str(number) and str(stage) not in stages:
+        phases = sorted(k for k in stages if "-" in k)
+        raise ValueError(f"preset {preset!r} has no phase {stage!r}; its phases: {phases or 'none'}")
+    phase = stages.get(str(stage), {}) if str(stage) != str(number) else {}
+    stage_values = {**stages.get(str(number), {}), **phase, **(stage_overrides or {}), "stage": number}
     return RunConfig(
         HyperLoRAConfig.from_dict({**values.get("model", {}), **(model or {})}),
         strict_from_dict(TrainConfig, {**values.get("run", {}), **(run or {})}),

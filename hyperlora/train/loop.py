@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from .resume import latest_checkpoint, save_checkpoint
 logger = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"
+SCHEDULE_FILE = "schedule.json"  # a schedule folder's stage folders, in training order
 BASE_TABLE_MAX_BYTES = 8 * 2**30  # the CPU memory the stages 2-3 table of Base coefficients may take (per process)
 
 
@@ -330,15 +332,23 @@ def _export(trainer: Trainer, out: Path, seconds: float, start: int, init) -> Pa
 
 
 def train_schedule(configs: list[RunConfig], out_dir: str | Path, *, init: str | Path | None = None,
-                   resume: bool = False, progress: bool = True, command: list[str] | None = None) -> Path:  # fmt: skip
-    """Stages in order, each in `out_dir/stage{N}` starting from the previous stage's model; with `resume`,
-    complete stages are skipped and an interrupted one continues from its newest checkpoint."""
+                   resume: bool = False, progress: bool = True, command: list[str] | None = None,
+                   phases: list[str] | None = None) -> Path:  # fmt: skip
+    """Stages in order, each in `out_dir/stage{N}` (or `stage{phase}` for a labelled phase, "3-path") starting from
+    the previous stage's model; `out_dir/schedule.json` lists the folders in order (`train.ship` reads it). With
+    `resume`, complete stages are skipped and an interrupted one continues from its newest checkpoint."""
     out = Path(out_dir)
+    phases = [str(p) for p in phases] if phases else [str(c.stage.stage) for c in configs]
+    if len(phases) != len(configs) or len(set(phases)) < len(phases):
+        raise ValueError(f"phases {phases}: one distinct name per stage config ({len(configs)})")
+    if os.environ.get("RANK", "0") == "0":  # before any Accelerator exists: one writer
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SCHEDULE_FILE).write_text(json.dumps({"folders": [f"stage{p}" for p in phases]}, indent=2) + "\n")
     previous = Path(init) if init else None
-    for config in configs:
-        folder = out / f"stage{config.stage.stage}"
+    for config, phase in zip(configs, phases):
+        folder = out / f"stage{phase}"
         if resume and (folder / DONE_FILE).is_file():
-            logger.info("stage %d already complete in %s", config.stage.stage, folder)
+            logger.info("stage %s already complete in %s", phase, folder)
         else:
             train_stage(config, folder, init=previous, resume=resume, cache_dir=config.run.cache_dir or out / "cache",
                         progress=progress,

@@ -5,7 +5,7 @@ four files, `base_resampler.safetensors` where there is a Base-LoRA, and `config
 (`model_card.json` and `README.md`) holding every stage's resolved config, command line and git commit, its steps,
 seconds and final validation figures, the total training time and, with --eval, the evaluation harness's rows (ID
 similarity, CLIP-T, ...) with its label. STAGE_DIRs are the stages' run folders in training order (each holding
-`done.json`), or one schedule folder holding stage1/, stage2/, stage3/. The first may be a model folder shipped
+`done.json`), or one schedule folder holding stage1/, stage2/, stage3/ (in its `schedule.json` order). The first may be a model folder shipped
 before (its `model_card.json`), when the later stages continued from it (`--init`): its card's stages are carried
 into the new card, so a fine-tuned continuation keeps the whole recipe. The weights must stay under --max-mb (a
 shipped toy model is at most 25 MB).
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import load_checkpoint
-from .loop import DONE_FILE, logged_seconds
+from .loop import DONE_FILE, SCHEDULE_FILE, logged_seconds
 
 CHECKPOINT = "hyperlora"  # the exported folder inside a stage's run folder
 CARD = "model_card.json"  # a shipped model folder's card (hyperlora.toy.cards)
@@ -55,7 +55,11 @@ def stage_folders(paths: list[str | Path]) -> list[Path]:
         if (path / DONE_FILE).is_file():
             folders.append(path)
             continue
-        inner = sorted(p for p in path.glob("stage[0-9]") if (p / DONE_FILE).is_file())
+        if (path / SCHEDULE_FILE).is_file():  # the schedule's own order (labelled phases: stage3-path)
+            named = [path / name for name in json.loads((path / SCHEDULE_FILE).read_text())["folders"]]
+        else:
+            named = sorted(path.glob("stage[0-9]"))
+        inner = [p for p in named if (p / DONE_FILE).is_file()]
         if not inner:
             raise FileNotFoundError(f"{path}: no {DONE_FILE} here or in a stage*/ folder: not a finished stage")
         folders += inner
