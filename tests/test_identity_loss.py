@@ -209,3 +209,13 @@ def test_the_sampling_path_identity_loss_reads_one_face_per_person_and_reaches_t
                                    identity=dataclasses.replace(trainer.identity, analyzer=_CentreFace(True)))  # fmt: skip
     assert 0 < jittered_stats["loss_id"] <= 2 and jittered_stats["loss_id"] != pytest.approx(stats["loss_id"]), \
         "the views' mean cosine is another figure than the exact crop's"  # fmt: skip
+
+
+def test_the_shipped_box_recogniser_tells_people_apart_and_the_fast_preset_reads_it():
+    from hyperlora.train.config import resolve
+
+    path = resolve("toy_fast", "3-path").run.id_recognizer
+    assert path == "data/toy/id_recognizer/recognizer.safetensors"
+    figures = box_verification(path, config=FaceEvalConfig(identities=30, images_per_identity=3))
+    assert figures["verification_accuracy"] > 0.9, figures
+    assert figures["genuine_mean"] > figures["impostor_mean"] + 0.4, figures

@@ -64,7 +64,7 @@ def test_unknown_keys_raise_and_presets_hold_only_differences():
 def test_cli_flags_come_from_the_dataclass_fields():
     args = parser().parse_args(["--stages", "1,2", "--out", "x", "--hyper-dim", "8", "--case-probs", "1,0,0",
                                 "--snr-gamma", "none", "--batch-size", "2"])  # fmt: skip
-    assert args.stages == [1, 2]
+    assert args.stages == ["1", "2"]
     assert vars(args)["model.hyper_dim"] == 8 and vars(args)["stage.case_probs"] == (1.0, 0.0, 0.0)
     assert vars(args)["run.snr_gamma"] is None and vars(args)["run.batch_size"] == 2
 
