@@ -97,8 +97,9 @@ def test_the_identity_loss_is_added_on_case_a_samples_below_its_timestep(box_rec
     from hyperlora.train.loop import setup_stage
 
     with pytest.raises(ValueError, match="--id-recognizer"):
-        setup_stage(resolve("toy", 3, run=TINY_RUN, stage_overrides={"id_loss_weight": 1.0}), cache_dir=tmp_path,
-                    progress=False)  # fmt: skip
+        # the toy preset names the shipped recogniser; unset, the loss must refuse to run
+        setup_stage(resolve("toy", 3, run={**TINY_RUN, "id_recognizer": ""}, stage_overrides={"id_loss_weight": 1.0}),
+                    cache_dir=tmp_path, progress=False)  # fmt: skip
     config = resolve("toy", 3, run={**TINY_RUN, "id_recognizer": str(box_recognizer)},
                      stage_overrides={"id_loss_weight": 1.0, "id_loss_max_timestep": 1000, "case_probs": (1, 0, 0)})
     trainer = setup_stage(config, cache_dir=tmp_path, progress=False)
