@@ -10,8 +10,8 @@ from hyperlora.train.config import load_preset, phase_stage, preset_schedule, re
 from hyperlora.train.ship import ship
 
 # A tiny pool and 2 steps a phase: plumbing, not results (as tests/test_train.py).
-TINY_RUN = dict(num_identities=3, images_per_identity=2, batch_size=4, val_identities=2, val_every=2,
-                checkpoint_every=2, log_every=1, threads=1)  # fmt: skip
+TINY_RUN = {"num_identities": 3, "images_per_identity": 2, "batch_size": 4, "val_identities": 2, "val_every": 2,
+            "checkpoint_every": 2, "log_every": 1, "threads": 1}  # fmt: skip
 TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items()] + ["--steps", "2", "--warmup-steps", "1"]
 
 
@@ -77,3 +77,17 @@ def test_the_cli_refuses_a_phase_twice_or_one_the_preset_lacks(tmp_path, capsys)
     assert train_main(["--stage", "5", "--out", str(tmp_path / "five")]) == 2
     assert "unknown stage or phase '5'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_preset_may_be_the_users_own_file_extending_a_shipped_one(tmp_path, capsys):
+    mine = tmp_path / "mine.json"
+    preset = {"extends": "toy_fast", "stages": {"3-path": {"steps": 11}}, "schedule": ["1", "3-path"]}
+    mine.write_text(json.dumps(preset))
+    assert preset_schedule(str(mine)) == ["1", "3-path"]
+    config = resolve(str(mine), "3-path")
+    assert config.stage.steps == 11 and config.stage.id_loss_weight == 0.3  # its own value, then toy_fast's
+    assert train_main(["--preset", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")]) == 2
+    assert f"preset file {tmp_path / 'missing.json'} not found" in capsys.readouterr().err
+    assert train_main(["--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown training preset 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

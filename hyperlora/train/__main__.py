@@ -46,7 +46,8 @@ def _kind(cls, field):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hyperlora.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--preset", default="toy", choices=list_train_presets())
+    p.add_argument("--preset", default="toy",
+                   help=f"a shipped preset ({', '.join(list_train_presets())}) or your own preset's .json file")  # fmt: skip
     which = p.add_mutually_exclusive_group()  # neither: the preset's "schedule" (the paper's 1,2,3)
     which.add_argument("--stage", help="a stage (1, 2, 3) or a preset's phase (e.g. 3-path)")
     which.add_argument("--stages", type=lambda v: [s for s in v.split(",") if s], help="e.g. 1,2,3 or 1,3,3-path")
@@ -78,11 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     given = {section: {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(section + ".") and v is not None}
              for section in SECTIONS}  # fmt: skip
-    stages = args.stages or ([args.stage] if args.stage is not None else preset_schedule(args.preset))
-    if len(set(stages)) < len(stages):
-        print(f"error: --stages {','.join(stages)} runs a phase twice; label the second (e.g. 3-path)", file=sys.stderr)
-        return 2
     try:
+        stages = args.stages or ([args.stage] if args.stage is not None else preset_schedule(args.preset))
+        if len(set(stages)) < len(stages):
+            raise ValueError(f"--stages {','.join(stages)} runs a phase twice; label the second (e.g. 3-path)")
         configs = [resolve(args.preset, s, model=given["model"], run=given["run"], stage_overrides=given["stage"])
                    for s in stages]  # fmt: skip
     except ValueError as error:

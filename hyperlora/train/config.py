@@ -191,12 +191,23 @@ def list_train_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("hyperlora.train.presets").iterdir() if p.name.endswith(".json"))
 
 
-def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict:
-    """The preset's sections as written (only what differs from the defaults). `"extends": "toy"` starts from that
-    preset: its model and run sections are updated key by key, and each of its stages' entries likewise."""
+def preset_file(name: str):
+    """A shipped preset's name (`toy`) or the path of the user's own preset file (`my/preset.json`)."""
+    if name.endswith(".json"):
+        if not Path(name).is_file():
+            raise ValueError(f"preset file {name} not found")
+        return Path(name)
     path = resources.files("hyperlora.train.presets") / f"{name}.json"
     if not path.is_file():
-        raise ValueError(f"unknown training preset {name!r}; presets: {list_train_presets()}")
+        raise ValueError(f"unknown training preset {name!r}; presets: {list_train_presets()} or a path to a .json file")
+    return path
+
+
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The preset's sections as written (only what differs from the defaults). `"extends": "toy"` starts from that
+    preset (a shipped name or a file path): its model and run sections are updated key by key, and each of its
+    stages' entries likewise."""
+    path = preset_file(name)
     values = json.loads(path.read_text())
     values.pop("_comment", None)
     unknown = set(values) - {"model", "run", "stages", "schedule", "extends"}
