@@ -220,3 +220,39 @@ def test_the_shipped_box_recogniser_tells_people_apart_and_the_fast_preset_reads
     figures = box_verification(path, config=FaceEvalConfig(identities=30, images_per_identity=3))
     assert figures["verification_accuracy"] > 0.9, figures
     assert figures["genuine_mean"] > figures["impostor_mean"] + 0.4, figures
+
+
+def test_the_decoupling_term_reads_the_face_sampled_without_trigger_words_against_its_teachers(box_recognizer,
+                                                                                              tmp_path):  # fmt: skip
+    from hyperlora.train.data import sample_batch
+    from hyperlora.train.loop import setup_stage
+
+    config = resolve("toy", 3, run={**TINY_RUN, "id_recognizer": str(box_recognizer), "caption_dropout": 0.0},
+                     stage_overrides={"id_loss_weight": 1.0, "id_loss_path_steps": 2, "id_decouple_weight": 1.0,
+                                      "case_probs": (0, 1, 0), "targets_per_reference": 2})  # fmt: skip
+    trainer = setup_stage(config, cache_dir=tmp_path, progress=False)
+    model = trainer.accelerator.unwrap_model(trainer.module).hyperlora
+    batch = sample_batch(trainer.data, trainer.others, config.stage, config.run, torch.Generator().manual_seed(0))
+    assert (batch["case"] == 1).all()
+
+    def loss(found: bool, stage=config.stage):
+        identity = dataclasses.replace(trainer.identity, analyzer=_CentreFace(found))
+        return stage_loss(LoRAGenerator(model), trainer.unet, trainer.scheduler, batch, stage, snr_gamma=None,
+                          rng=torch.Generator().manual_seed(1), has_base=True, identity=identity)  # fmt: skip
+
+    _, zero = loss(True)  # a zero ID-LoRA (up bases start at zero): case (b)'s student is its teacher
+    assert "loss_id" not in zero and zero["loss_decouple"] == pytest.approx(0, abs=1e-5)
+    with torch.no_grad():
+        model.randomize_up_bases(0.05)
+    with_term, stats = loss(True)
+    plain, _ = loss(True, dataclasses.replace(config.stage, id_decouple_weight=0.0))
+    groups = len(batch["case"]) // 2
+    assert stats["loss_decouple"] > 1e-4
+    assert float(with_term - plain) == pytest.approx(stats["loss_decouple"] * groups / len(batch["case"]), rel=1e-3)
+    (with_term - plain).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.resampler.parameters())
+    missed, missed_stats = loss(False)  # the teacher's face is not found: nothing to match
+    assert missed_stats["loss_decouple"] != missed_stats["loss_decouple"] and float(missed) == pytest.approx(float(plain))
+    for bad in ({"id_loss_path_steps": 0}, {"id_loss_weight": 0.0}, {"id_decouple_weight": -1.0}):
+        with pytest.raises(ValueError, match="id_decouple_weight must be >= 0 and needs id_loss_path_steps"):
+            dataclasses.replace(config.stage, **bad)

@@ -67,6 +67,11 @@ class StageConfig:
     id_loss_views: int = 1  # the path's identity loss averages the cosine over this many random views of each face
     id_loss_jitter: float = 0.0  # of this strength (box moved and scaled, blurred, mirrored: `FaceEmbedder.views`),
     # so that a face change fooling the recogniser from one exact crop only does not pay. 0: the one exact crop
+    id_decouple_weight: float = 0.0  # with id_loss_path_steps: + this x (1 - cosine) between the recogniser's
+    # embeddings of the face sampled without trigger words (the first case b or c sample of each person's group)
+    # and the face its teacher samples from the same noise (b: the base model; c: the Base-LoRA alone). The
+    # paper's cases (b) and (c) asked of the sampling path, so that the identity loss's faces stay behind the
+    # trigger words (a departure from the paper, as the identity loss). 0: off
 
     def __post_init__(self):
         self.train_groups, self.id_inputs = tuple(self.train_groups), tuple(self.id_inputs)
@@ -93,6 +98,10 @@ class StageConfig:
         if self.id_loss_views < 1 or not 0 <= self.id_loss_jitter < 0.5:
             raise ValueError(f"id_loss_views must be >= 1 and 0 <= id_loss_jitter < 0.5, got {self.id_loss_views}, "
                              f"{self.id_loss_jitter}")  # fmt: skip
+        path_term = self.id_loss_path_steps and self.id_loss_weight
+        if self.id_decouple_weight < 0 or (self.id_decouple_weight and not path_term):
+            raise ValueError(f"id_decouple_weight must be >= 0 and needs id_loss_path_steps > 0 and id_loss_weight > 0, "
+                             f"got {self.id_decouple_weight}, {self.id_loss_path_steps}, {self.id_loss_weight}")  # fmt: skip
         if self.max_timestep < 0:
             raise ValueError(f"max_timestep must be >= 0 (0: every training timestep), got {self.max_timestep}")
         if self.targets_per_reference < 1:

@@ -25,7 +25,7 @@ from ..diffusion import noisy_inputs, snr_weights
 from ..hypernet import HyperLoRA
 from ..lora import LoRAWeights, functional_lora
 from .config import StageConfig
-from .identity_loss import FaceEmbedder, decode, identity_loss, sample_path, sampled_identity
+from .identity_loss import FaceEmbedder, decode, face_boxes, identity_loss, sample_path, sampled_identity
 
 CASES = ("a", "b", "c")
 
@@ -138,6 +138,14 @@ def stage_loss(generator_module: nn.Module, unet, scheduler: DDPMScheduler, batc
                 per_sample = per_sample.index_add(0, rows[found], stage.id_loss_weight * term)
                 stats["loss_id"] = float(term.detach().mean()) if len(term) else float("nan")
                 stats["id_faces_found"] = len(term) / len(rows)
+            free = (case != 0) & ~batch.get("dropped", torch.zeros_like(has_box)).to(case.device)
+            rows = first_per_group(free, batch["group"].to(case.device))[: stage.id_loss_samples]
+            if stage.id_decouple_weight and len(rows):  # no trigger words: the teacher's face, not the person's
+                teacher = ([base], [base_scale]) if use_base else ([], [])
+                term, found = path_decoupling(identity, unet, scheduler, batch, rows, (loras, scales), teacher, stage,
+                                              rng)  # fmt: skip
+                per_sample = per_sample.index_add(0, rows[found], stage.id_decouple_weight * term)
+                stats["loss_decouple"] = float(term.detach().mean()) if len(term) else float("nan")
             return per_sample.mean(), stats
         rows = ((case == 0) & (timesteps < stage.id_loss_max_timestep) & has_box).nonzero().squeeze(1)
         if len(rows):
@@ -156,13 +164,10 @@ def first_per_group(eligible: torch.Tensor, group: torch.Tensor) -> torch.Tensor
     return rows[first]
 
 
-def path_identity(identity: IdentityTerm, unet, scheduler: DDPMScheduler, batch: dict, rows: torch.Tensor,
-                  loras: list[LoRAWeights], scales: list[torch.Tensor], stage: StageConfig,
-                  rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The identity loss on faces sampled from pure noise: for each of `rows`, its prompt, LoRAs and scales
-    (conditional and unconditional branch alike, as at inference) along `stage.id_loss_path_steps` DDIM steps at
-    guidance `stage.id_loss_guidance`; each found face against the recogniser's embedding of the row's own image.
-    Returns (1 - cosine [F], the positions in `rows` where a face was found [F])."""
+def guided(identity: IdentityTerm, unet, batch: dict, rows: torch.Tensor, loras: list[LoRAWeights],
+           scales: list[torch.Tensor], guidance: float):  # fmt: skip
+    """`denoise(latents, t)` for `sample_path`: the prompts of `rows` with their LoRAs and scales, on the
+    conditional and the unconditional ("" prompt) branch alike, as at inference, at classifier-free `guidance`."""
     if identity.analyzer is None or identity.empty is None:
         raise ValueError("id_loss_path_steps > 0 needs a face analyzer and the empty prompt's embeddings")
     n, device = len(rows), batch["latents"].device
@@ -172,7 +177,6 @@ def path_identity(identity: IdentityTerm, unet, scheduler: DDPMScheduler, batch:
             "text_embeds": torch.cat([batch["text_embeds"][rows], empty_pooled.expand(n, -1)]),
             "time_ids": batch["time_ids"][both]}  # fmt: skip
     picked, picked_scales = [take(lora, both) for lora in loras], [scale[both] for scale in scales]
-    guidance = stage.id_loss_guidance
 
     def denoise(latents: torch.Tensor, t: int) -> torch.Tensor:
         with functional_lora(unet, picked, picked_scales):
@@ -180,12 +184,48 @@ def path_identity(identity: IdentityTerm, unet, scheduler: DDPMScheduler, batch:
         conditional, unconditional = out.float().chunk(2)
         return unconditional + guidance * (conditional - unconditional)
 
-    noise = torch.randn(batch["latents"][rows].shape, generator=rng).to(device)
+    return denoise
+
+
+def path_identity(identity: IdentityTerm, unet, scheduler: DDPMScheduler, batch: dict, rows: torch.Tensor,
+                  loras: list[LoRAWeights], scales: list[torch.Tensor], stage: StageConfig,
+                  rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The identity loss on faces sampled from pure noise: for each of `rows`, its prompt, LoRAs and scales
+    (`guided`) along `stage.id_loss_path_steps` DDIM steps at guidance `stage.id_loss_guidance`; each found face
+    against the recogniser's embedding of the row's own image.
+    Returns (1 - cosine [F], the positions in `rows` where a face was found [F])."""
+    denoise = guided(identity, unet, batch, rows, loras, scales, stage.id_loss_guidance)
+    noise = torch.randn(batch["latents"][rows].shape, generator=rng).to(batch["latents"].device)
     latents = sample_path(denoise, noise, scheduler, stage.id_loss_path_steps)
     with torch.no_grad():
         goal = identity.embedder(decode(identity.vae, batch["latents"][rows]), batch["face_box"][rows])
     return sampled_identity(identity.embedder, identity.vae, identity.analyzer, latents, goal,
-                            views=stage.id_loss_views, jitter=stage.id_loss_jitter, generator=rng)
+                            views=stage.id_loss_views, jitter=stage.id_loss_jitter, generator=rng)  # fmt: skip
+
+
+def path_decoupling(identity: IdentityTerm, unet, scheduler: DDPMScheduler, batch: dict, rows: torch.Tensor,
+                    student: tuple[list, list], teacher: tuple[list, list], stage: StageConfig,
+                    rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The decoupling term on faces sampled from pure noise: for each of `rows` (prompts without trigger words),
+    the face its `student` (LoRAs, scales) samples should be the face its `teacher` samples from the same noise
+    (case b: the base model, no LoRA; c: the Base-LoRA alone), read by the recogniser: the paper's cases (b) and (c)
+    asked of the whole sampling path instead of one noisy step. No gradient through the teacher.
+    Returns (1 - cosine [F], the positions in `rows` where both faces were found [F])."""
+    steps, guidance = stage.id_loss_path_steps, stage.id_loss_guidance
+    noise = torch.randn(batch["latents"][rows].shape, generator=rng).to(batch["latents"].device)
+    with torch.no_grad():
+        pixels = decode(identity.vae, sample_path(guided(identity, unet, batch, rows, *teacher, guidance), noise,
+                                                  scheduler, steps))  # fmt: skip
+        boxes = face_boxes(identity.analyzer, pixels)
+        kept = (~boxes.isnan().any(1)).nonzero().squeeze(1)
+        if not len(kept):
+            return noise.new_zeros(0), kept
+        goal = identity.embedder(pixels[kept], boxes[kept])
+    kept = kept.to(rows.device)
+    latents = sample_path(guided(identity, unet, batch, rows[kept], *student, guidance), noise[kept], scheduler, steps)
+    term, found = sampled_identity(identity.embedder, identity.vae, identity.analyzer, latents, goal,
+                                   views=stage.id_loss_views, jitter=stage.id_loss_jitter, generator=rng)  # fmt: skip
+    return term, kept[found]
 
 
 def face_weights(batch: dict, size: tuple[int, int], weight: float) -> torch.Tensor | float:
