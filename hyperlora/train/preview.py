@@ -51,8 +51,9 @@ def read_log(run_folder: str | Path) -> dict[str, list]:
 
 
 def plot_training(run_folders: dict[str, str | Path], out_png: str | Path) -> Path:
-    """One row per stage: the training loss (and per-case losses) against step; the validation loss with the
-    right reference against a shuffled one, and their gap (positive: the LoRA carries the person)."""
+    """One row per stage: the training loss (and per-case losses; the identity loss and its decoupling term on a
+    second axis where they ran) against step; the validation loss with the right reference against a shuffled one,
+    and their gap (positive: the LoRA carries the person)."""
     fig, axes = plt.subplots(len(run_folders), 2, figsize=(10, 3.2 * len(run_folders)), squeeze=False)
     for (label, folder), (left, right) in zip(run_folders.items(), axes):
         log = read_log(folder)
@@ -61,7 +62,14 @@ def plot_training(run_folders: dict[str, str | Path], out_png: str | Path) -> Pa
             if f"loss_{case}" in log:
                 left.plot(log["step"], log[f"loss_{case}"], color=colour, lw=0.8, alpha=0.7, label=f"case ({case})")
         left.set(title=f"{label}: training loss", xlabel="step", ylabel="loss (Min-SNR weighted)")
-        left.legend(fontsize=7)
+        left.legend(fontsize=7, loc="upper left")
+        terms = [k for k in ("loss_id", "loss_decouple") if k in log]  # the identity loss and its decoupling
+        if terms:
+            twin = left.twinx()
+            for key, colour in zip(terms, ("tab:purple", "tab:brown")):
+                twin.plot(log["step"], log[key], color=colour, lw=0.8, label=f"{key} (1 - cosine)")
+            twin.set_ylabel("recogniser 1 - cosine")
+            twin.legend(fontsize=7, loc="upper right")
         if "val_step" in log:
             right.plot(log["val_step"], log["val_loss_right"], "o-", label="right reference")
             right.plot(log["val_step"], log["val_loss_shuffled"], "s--", label="shuffled reference")
