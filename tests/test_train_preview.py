@@ -99,3 +99,19 @@ def test_validation_grid_has_a_column_per_checkpoint_and_a_similarity_per_cell(t
     assert record["columns"] == ["reference", "base model", "2 steps", "2 steps fp16"]
     assert all(len(record["similarity"][c]) == rows for c in record["columns"]), "one similarity per cell"
     assert record["similarity"]["reference"] == pytest.approx([1.0, 1.0]), "the toy detector finds every render's face"
+
+
+def test_plot_training_draws_the_identity_terms_on_a_second_axis_where_they_ran(tmp_path, monkeypatch):
+    from hyperlora.train import preview
+
+    plain = _fake_run(tmp_path / "stage3")
+    path = _fake_run(tmp_path / "stage3-path")
+    lines = [{"step": 1, "loss": 0.5, "loss_a": 0.6, "loss_id": 0.8},
+             {"step": 2, "loss": 0.4, "loss_a": 0.5, "loss_id": 0.7, "loss_decouple": 0.2}]  # fmt: skip
+    (path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    figures = []
+    monkeypatch.setattr(preview.plt, "close", figures.append)
+    plot_training({"stage 3": plain, "stage 3-path": path}, tmp_path / "training.png")
+    labels = [[line.get_label() for line in ax.get_lines()] for ax in figures[0].axes]
+    identity_axes = [found for found in labels if "loss_id (1 - cosine)" in found]
+    assert identity_axes == [["loss_id (1 - cosine)", "loss_decouple (1 - cosine)"]], "one twin axis, the path run's"
