@@ -5,6 +5,8 @@
 #                                   the wall clock goes to runs/fast/NAME.log ("start"/"end" lines, epoch seconds)
 #   run.sh val NAME W               16 val people, prompts 0, 1, 5, 9 x 2 seeds at ID weight W (where W is chosen)
 #   run.sh test NAME W              the same on the 16 test people (no choice is made there)
+#   METHODS=... run.sh val|test     other methods (default hyperlora,hyperlora_other; the trigger-word check adds
+#                                   hyperlora_no_trigger)
 # The headline protocol (8 test people x 20 prompts x 4 seeds, five methods) is sampling_path/test_split.sh's:
 #   HEADLINE=1 bash docs/ablations/sampling_path/test_split.sh NAME runs/fast/NAME/stage3-path/hyperlora W
 set -e
@@ -18,7 +20,7 @@ case "$1" in
   val|test)
     split=$1; [ "$1" = test ] || split=val
     OMP_NUM_THREADS=1 python -m eval.run --world toy --checkpoint runs/fast/"$2"/stage3-path/hyperlora --split $split \
-      --num-identities 16 --prompts 0,1,5,9 --seeds-per-prompt 2 --id-scale "$3" --methods hyperlora,hyperlora_other \
+      --num-identities 16 --prompts 0,1,5,9 --seeds-per-prompt 2 --id-scale "$3" --methods "${METHODS:-hyperlora,hyperlora_other}" \
       --out runs/fast/"$1"_"$2"_s"$3" ;;
   *) echo "usage: run.sh train NAME [PRESET] [--resume] | val NAME W | test NAME W" >&2; exit 2 ;;
 esac
