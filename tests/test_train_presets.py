@@ -1,6 +1,7 @@
 """Training presets: labelled phases ("3-path"), presets that extend another, a preset's own schedule."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ def test_a_labelled_phase_runs_its_stage_with_the_plain_entry_then_its_own():
     assert path.stage.lr == 1e-4 and plain.stage.lr == 2e-4 and plain.stage.id_loss_weight == 0.0
     # inherited: toy's stage-3 face weight, toy_fast's stage-3 groups
     assert path.stage.face_loss_weight == plain.stage.face_loss_weight == 9.0
+    assert path.stage.basis_lr_scale == plain.stage.basis_lr_scale == 3.0  # v5's bases, into the path phase too
     assert path.stage.train_groups == plain.stage.train_groups == ("id_basis", "resampler_core", "clip_path",
                                                                     "arcface_path")  # fmt: skip
     assert resolve("toy_fast", "3-path", stage_overrides={"steps": 7}).stage.steps == 7
@@ -52,6 +54,20 @@ def test_a_preset_extends_another_key_by_key_and_a_cycle_is_refused(tmp_path, mo
         load_preset("a")
     with pytest.raises(ValueError, match="unknown sections \\['stage'\\]"):
         load_preset("c")
+
+
+def test_the_ablation_preset_files_resolve_and_the_measured_splits_keep_their_rates():
+    # docs/ablations/fast_schedule's splits extend toy_fast; when toy_fast changed (session 29), each pinned what
+    # it was measured with, so that its records' commands still train the model they describe.
+    folder = Path(__file__).resolve().parents[1] / "docs" / "ablations" / "fast_schedule"
+    files = sorted(folder.glob("toy_fast_v*.json"))
+    assert len(files) >= 5
+    for file in files:
+        for phase in preset_schedule(str(file)):
+            resolve(str(file), phase)
+    scale = {f.stem: resolve(str(f), "3-path").stage.basis_lr_scale for f in files}
+    assert scale["toy_fast_v1"] == scale["toy_fast_v2"] == scale["toy_fast_v4"] == 1.0 and scale["toy_fast_v5"] == 3.0
+    assert resolve(str(folder / "toy_fast_v4.json"), "3").stage.lr == 4e-4
 
 
 def test_the_cli_runs_a_presets_schedule_in_labelled_folders_and_ship_keeps_its_order(tmp_path, capsys):
