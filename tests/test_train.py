@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -20,8 +21,8 @@ from hyperlora.train.losses import LoRAGenerator, base_coefficient_table, stage_
 from hyperlora.train.params import group_of, optimizer_groups, select_trainable
 
 # A tiny pool (3 people x 2 looks) and 2 steps per stage: plumbing, not results.
-TINY_RUN = dict(num_identities=3, images_per_identity=2, batch_size=4, val_identities=2, val_every=2,
-                checkpoint_every=2, log_every=1, threads=1)  # fmt: skip
+TINY_RUN = {"num_identities": 3, "images_per_identity": 2, "batch_size": 4, "val_identities": 2, "val_every": 2,
+            "checkpoint_every": 2, "log_every": 1, "threads": 1}  # fmt: skip
 
 
 def tiny(stage: int, **stage_overrides):
@@ -207,12 +208,15 @@ def test_a_run_killed_and_resumed_ends_with_bit_identical_weights(schedule, tmp_
 def test_two_process_accelerate_run_keeps_the_processes_weights_identical(schedule, tmp_path):
     out = tmp_path / "ddp"
     # accelerate's data-parallel launcher (torchrun); ACCELERATE_USE_CPU makes the processes use gloo on the CPU
+    with socket.socket() as probe:  # a free port: the default 29500 may be held (seen once: EADDRINUSE)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
                "-m", "hyperlora.train", "--stage", "2", "--init", str(schedule / "stage1" / "model"), "--out", str(out),
                "--steps", "2", "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items()]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     digests = [json.loads(p.read_text())["weights_sha256"] for p in sorted((out / "processes").glob("rank*.json"))]
     assert len(digests) == 2 and digests[0] == digests[1], digests

@@ -4,6 +4,9 @@
 # the identity loss) without losing the identity with them? Both arms continue the shipped model 500 stage-3 steps
 # with the path identity loss (weight 0.3, 4 DDIM steps, lr 1e-4, as it was trained); one thread each.
 #   run.sh branch NAME W    500 steps, decoupling weight W (0: the control) -> runs/decouple/NAME
+#   run.sh branch-v5 NAME W [STEPS]  session 29: the same on the 2.5-hour schedule's v5 (toy_fast's identity-loss
+#                           phase continued STEPS more, default 300: lr 1e-4 annealed, bases at 3x; needs
+#                           runs/fast/v5 from `fast_schedule/run.sh train v5 ...`) -> runs/decouple/NAME
 #   run.sh eval NAME        16 val people, prompts 0, 1, 5, 9 x 2 seeds, ID weight 1.5, with and without trigger
 #                           words and with the next person's references -> runs/decouple/eval_NAME
 set -e
@@ -15,9 +18,13 @@ case "$1" in
       --warmup-steps 50 --train-groups id_basis,resampler_core,clip_path,arcface_path --cache-dir runs/train/cache \
       --threads 1 --id-loss-weight 0.3 --id-loss-path-steps 4 --id-decouple-weight "$3" \
       --id-recognizer data/toy/id_recognizer/recognizer.safetensors --out runs/decouple/"$2" "${@:4}" ;;
+  branch-v5)
+    python -m hyperlora.train --preset toy_fast --stage 3-path --init runs/fast/v5/stage3-path/model \
+      --steps "${4:-300}" --warmup-steps 30 --cache-dir runs/fast/v5/cache --threads 1 --id-decouple-weight "$3" \
+      --out runs/decouple/"$2" "${@:5}" ;;
   eval)
     python -m eval.run --world toy --checkpoint runs/decouple/"$2"/hyperlora --split val --num-identities 16 \
       --prompts 0,1,5,9 --seeds-per-prompt 2 --id-scale 1.5 --methods hyperlora,hyperlora_no_trigger,hyperlora_other \
       --out runs/decouple/eval_"$2" ;;
-  *) echo "usage: run.sh branch NAME W [--resume] | eval NAME" >&2; exit 2 ;;
+  *) echo "usage: run.sh branch NAME W [--resume] | branch-v5 NAME W [STEPS [--resume]] | eval NAME" >&2; exit 2 ;;
 esac
