@@ -66,7 +66,7 @@ def test_the_ablation_preset_files_resolve_and_the_measured_splits_keep_their_ra
         for phase in preset_schedule(str(file)):
             resolve(str(file), phase)
     scale = {f.stem: resolve(str(f), "3-path").stage.basis_lr_scale for f in files}
-    assert scale["toy_fast_v1"] == scale["toy_fast_v2"] == scale["toy_fast_v4"] == 1.0 and scale["toy_fast_v5"] == 3.0
+    assert scale.pop("toy_fast_v5") == 3.0 and set(scale.values()) == {1.0}, scale  # v1-v4 as measured
     assert resolve(str(folder / "toy_fast_v4.json"), "3").stage.lr == 4e-4
 
 
