@@ -7,6 +7,9 @@
 #   run.sh branch-v5 NAME W [STEPS]  session 29: the same on the 2.5-hour schedule's v5 (toy_fast's identity-loss
 #                           phase continued STEPS more, default 300: lr 1e-4 annealed, bases at 3x; needs
 #                           runs/fast/v5 from `fast_schedule/run.sh train v5 ...`) -> runs/decouple/NAME
+#   INIT=DIR run.sh branch-v5 ...  session 30: start elsewhere, e.g. v5's step 1,500 of its 1,800 (made with
+#                           `python -m hyperlora.train.snapshot runs/fast/v5/stage3-path --step 1500 --dtype float32`):
+#                           the decoupled steps replace the phase's last 300, so the schedule keeps its 2.5 hours
 #   run.sh eval NAME        16 val people, prompts 0, 1, 5, 9 x 2 seeds, ID weight 1.5, with and without trigger
 #                           words and with the next person's references -> runs/decouple/eval_NAME
 set -e
@@ -19,7 +22,7 @@ case "$1" in
       --threads 1 --id-loss-weight 0.3 --id-loss-path-steps 4 --id-decouple-weight "$3" \
       --id-recognizer data/toy/id_recognizer/recognizer.safetensors --out runs/decouple/"$2" "${@:4}" ;;
   branch-v5)
-    python -m hyperlora.train --preset toy_fast --stage 3-path --init runs/fast/v5/stage3-path/model \
+    python -m hyperlora.train --preset toy_fast --stage 3-path --init "${INIT:-runs/fast/v5/stage3-path/model}" \
       --steps "${4:-300}" --warmup-steps 30 --cache-dir runs/fast/v5/cache --threads 1 --id-decouple-weight "$3" \
       --out runs/decouple/"$2" "${@:5}" ;;
   eval)
