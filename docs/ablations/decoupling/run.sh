@@ -9,7 +9,7 @@
 #                           runs/fast/v5 from `fast_schedule/run.sh train v5 ...`) -> runs/decouple/NAME
 #   INIT=DIR run.sh branch-v5 ...  session 30: start elsewhere, e.g. v5's step 1,500 of its 1,800 (made with
 #                           `python -m hyperlora.train.snapshot runs/fast/v5/stage3-path --step 1500 --dtype float32`):
-#                           the decoupled steps replace the phase's last 300, so the schedule keeps its 2.5 hours
+#                           the decoupled steps replace the phase's last 300, so the schedule stays under 2.5 hours (about 2.31 h predicted, not timed)
 #   run.sh eval NAME        16 val people, prompts 0, 1, 5, 9 x 2 seeds, ID weight 1.5, with and without trigger
 #                           words and with the next person's references -> runs/decouple/eval_NAME
 set -e
