@@ -83,6 +83,9 @@ class EvalConfig:
     insightface_root: str = ""  # sdxl world, antelopev2 backend: the folder holding models/antelopev2/*.onnx
     trait_reader: str = ""  # toy: identity-trait reader folder, the second ID judge (trait_match); empty: <toy_dir>/traits
     # when it exists (python -m hyperlora.toy train-traits), else trait_match is None
+    judge_clip: str = ""  # CLIP folder that judges CLIP-T, CLIP-I and (toy) the prompt's looks: a CLIP that did not
+    # condition the model, as judge_backend is for identity. Empty: toy <toy_dir>/clip_judge when it exists (python -m
+    # hyperlora.toy train-clip), else the world's own CLIP (toy clip/, sdxl clip_path), as before
     checkpoint: str = ""  # HyperLoRA checkpoint folder; empty: a freshly initialised, UNTRAINED one
     coefficient_table: str = ""  # method coef_rows: fit folders (comma-separated) of `eval.coefficient_targets fit`
     face_backend: str = "toy"  # conditioning face backend (toy | dlib | antelopev2); sdxl: antelopev2 as the release
@@ -178,6 +181,12 @@ def reference_look_values(identity: int, prompts: list[Prompt], seed: int) -> di
     return values
 
 
+def _card_passed(folder: Path) -> bool:
+    """Whether the model card in `folder` says its quality gates passed (no card: False)."""
+    card = folder / "model_card.json"
+    return card.is_file() and bool(json.loads(card.read_text()).get("passed"))
+
+
 class ToyWorld:
     """The toy models (pipeline, CLIP, faces) loaded from `config.toy_dir`, and the held-out identities."""
 
@@ -195,11 +204,13 @@ class ToyWorld:
         self.config, self.dir = config, Path(config.toy_dir)
         self.pipe = load_toy_pipeline(self.dir / "sdxl", dtype=config.torch_dtype).to(config.device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.clip_dir = self.dir / "clip"  # the hypernetwork's image encoder
-        self.clip = ClipExtractor(self.clip_dir)
+        self.clip_dir = self.dir / "clip"  # the hypernetwork's image encoder and the base model's text encoders
+        default = self.dir / "clip_judge"
+        self.judge_dir = Path(config.judge_clip) if config.judge_clip else default if default.is_dir() else self.clip_dir
+        self.clip = ClipExtractor(self.judge_dir)  # the CLIP-T / CLIP-I judge (a missing --judge-clip raises, naming it)
         analyzer = make_face_analyzer(config.judge_backend, **self.backend_kwargs(config.judge_backend))
         self.face_judge = FaceEmbeddingExtractor(analyzer, min_face_size=config.min_face_size)
-        self.attribute_judge = clip_judge(self.clip_dir)
+        self.attribute_judge = clip_judge(self.judge_dir)
         self.trait_judge = self._trait_judge(config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the random-trunk warning: recorded as lpips_real in the summary
@@ -222,15 +233,23 @@ class ToyWorld:
         return {"model_dir": self.dir / "faces", "det_threshold": self.config.det_threshold} if name == "toy" else {}
 
     def _label(self) -> str:
-        """Whether every toy model passed its quality gates (their model cards say), and whether this is a smoke run."""
-        failed = []
-        for name in ("clip", "faces", "vae", "sdxl"):
-            card = self.dir / name / "model_card.json"
-            if not (card.is_file() and json.loads(card.read_text()).get("passed")):
-                failed.append(name)
+        """Whether the judges and the base model passed their quality gates (their model cards say), which CLIP
+        judges, and whether this is a smoke run.
+
+        The CLIP gate (zero-shot look accuracy) is a judge's gate: it is checked on the CLIP that judges CLIP-T and
+        the looks. With a separate judge CLIP the world's own CLIP only conditions (text encoders, the hypernetwork's
+        image features); how well the base model follows prompts through it is the base model's gate (sdxl/), and
+        the label names the conditioning CLIP's own verdict so that a reader sees it."""
+        judge_is_own = self.judge_dir.resolve() == self.clip_dir.resolve()
+        folders = {"judge CLIP" if not judge_is_own else "clip": self.judge_dir,
+                   **{name: self.dir / name for name in ("faces", "vae", "sdxl")}}  # fmt: skip
+        failed = [name for name, folder in folders.items() if not _card_passed(folder)]
         self.gates_passed = not failed
         state = ("passed their quality gates" if self.gates_passed else
                  f"NOT at their quality gates ({', '.join(failed)}: see their model_card.json)")  # fmt: skip
+        if not judge_is_own:
+            own = "passed" if _card_passed(self.clip_dir) else "MISSED (see its model_card.json)"
+            state += f"; CLIP-T and looks judged by {self.judge_dir}, not by the conditioning CLIP (its own gate {own})"
         split = "" if self.config.split == "test" else f", {self.config.split}-split people (not held out)"
         return f"toy models at {self.dir}: {state}" + split + (", smoke-size evaluation" if self.config.smoke else "")
 

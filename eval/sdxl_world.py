@@ -147,8 +147,9 @@ class SDXLWorld:
         self.pipe.set_progress_bar_config(disable=True)
         if config.size == TOY_DEFAULT_SIZE:  # left at its (toy) default: the pipeline's own size
             config = dataclasses.replace(config, size=self.pipe.default_sample_size * self.pipe.vae_scale_factor)
-        self.config, self.clip_dir = config, clip
-        self.clip = ClipExtractor(clip)
+        self.config, self.clip_dir = config, clip  # clip_dir: the hypernetwork's image encoder
+        self.judge_dir = Path(config.judge_clip) if config.judge_clip else clip
+        self.clip = ClipExtractor(self.judge_dir)  # the CLIP-T / CLIP-I judge (default: the same CLIP)
         analyzer = make_face_analyzer(config.judge_backend, **self.backend_kwargs(config.judge_backend))
         self.face_judge = FaceEmbeddingExtractor(analyzer, min_face_size=config.min_face_size)
         with warnings.catch_warnings():
@@ -199,9 +200,16 @@ class SDXLWorld:
         else:  # e.g. a distilled SDXL: the label cannot vouch for it, so its numbers count as plumbing
             widths = list(unet.block_out_channels)
             unet_text = f"RANDOM or unknown stand-in: not SDXL's UNet architecture (widths {widths})"
-        vision = self.clip.model.config.vision_config
+        from transformers import CLIPConfig
+
+        vision = CLIPConfig.from_pretrained(self.clip_dir, local_files_only=True).vision_config
         self.real_clip = vision.hidden_size == CLIP_VISION_HIDDEN and vision.patch_size == 14
         clip_text = "ViT-L/14" if self.real_clip else f"RANDOM stand-in: width {vision.hidden_size}, not ViT-L/14"
+        if self.judge_dir != self.clip_dir:  # a judge at least ViT-L's width (e.g. ViT-H/14) counts as real
+            width = self.clip.model.config.vision_config.hidden_size
+            self.real_clip &= width >= CLIP_VISION_HIDDEN
+            clip_text += f"; CLIP-T judge {self.judge_dir} " + (f"(width {width})" if width >= CLIP_VISION_HIDDEN else
+                                                                f"(RANDOM stand-in: width {width} < ViT-L's)")  # fmt: skip
         c = self.config
         judge = f"judge {c.judge_backend}"
         if "hyperlora" in methods and c.judge_backend == c.face_backend:

@@ -146,6 +146,36 @@ def test_train_split_scores_people_the_hypernetwork_saw_and_says_so(toy_dir, tmp
         run_evaluation(smoke_config(toy_dir, split="holdout"), tmp_path / "bad")
 
 
+def test_the_clip_gate_is_the_judges_and_a_separate_judge_clip_is_named(toy_dir, tmp_path):
+    """CLIP-T and the looks are judged by <toy_dir>/clip_judge when it exists (or --judge-clip): its gate decides the
+    label, and the conditioning CLIP's own verdict is still named in it."""
+    import shutil
+
+    toy = tmp_path / "toy"
+    shutil.copytree(toy_dir, toy)
+
+    def set_passed(folder, passed):
+        card = folder / "model_card.json"
+        values = json.loads(card.read_text()) if card.is_file() else {}
+        card.write_text(json.dumps({**values, "passed": passed}))
+
+    for name, passed in (("faces", True), ("vae", True), ("sdxl", True), ("clip", False)):
+        set_passed(toy / name, passed)
+    config = smoke_config(toy, smoke=False)
+    world = ToyWorld(config)  # the world's own CLIP judges: its missed gate makes every number plumbing
+    assert world.judge_dir == toy / "clip" and world.plumbing_only and "(clip:" in world.label
+    shutil.copytree(toy / "clip", toy / "clip_judge")
+    set_passed(toy / "clip_judge", True)
+    world = ToyWorld(config)
+    assert world.judge_dir == toy / "clip_judge" and world.clip_dir == toy / "clip" and world.clip.name == "clip:clip_judge"
+    assert not world.plumbing_only and "judged by" in world.label and "its own gate MISSED" in world.label
+    set_passed(toy / "clip_judge", False)
+    assert ToyWorld(config).plumbing_only and "judge CLIP" in ToyWorld(config).label
+    assert ToyWorld(dataclasses.replace(config, judge_clip=str(toy / "clip"))).judge_dir == toy / "clip"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ToyWorld(dataclasses.replace(config, judge_clip=str(tmp_path / "nowhere")))
+
+
 def test_hyperlora_checkpoint_personalises_and_resets(toy_dir, tmp_path, monkeypatch):
     """A checkpoint with non-zero LoRAs personalises (stand-in face backend) and changes the generations."""
     from hyperlora import HyperLoRA, find_targets, preset

@@ -136,6 +136,21 @@ def test_hyperlora_personalises_from_the_photos_and_renders_are_the_held_out_pho
         assert np.array_equal(np.asarray(Image.open(out / r["image"])), held_out[r["seed_index"]])
 
 
+def test_a_separate_judge_clip_scores_and_is_named_while_the_hypernetwork_keeps_its_clip(models, references,
+                                                                                         tmp_path):  # fmt: skip
+    """--judge-clip in the sdxl world: CLIP-T/-I come from the judge, the hypernetwork still reads clip_path, and a
+    judge narrower than ViT-L counts as a stand-in in the label."""
+    import shutil
+
+    from eval.sdxl_world import SDXLWorld
+
+    shutil.copytree(models / "clip", tmp_path / "judge")
+    world = SDXLWorld(sdxl_config(models, references, methods="base", judge_clip=str(tmp_path / "judge")))
+    assert world.clip_dir == models / "clip" and world.clip.name == "clip:judge"
+    assert "CLIP-T judge" in world.label and "RANDOM stand-in: width 32 < ViT-L's" in world.label and world.plumbing_only
+    assert "CLIP-T judge" not in SDXLWorld(sdxl_config(models, references, methods="base")).label
+
+
 def test_sdxl_has_no_toy_splits(models, references, tmp_path):
     with pytest.raises(ValueError, match="split='train' is toy-only"):
         run_evaluation(sdxl_config(models, references, split="train"), tmp_path / "run")

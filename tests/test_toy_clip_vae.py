@@ -239,3 +239,19 @@ def test_model_card_round_trip(tmp_path):
     assert card["config"]["block_out_channels"] == [8, 16, 16] and card["passed"] is True
     readme = (tmp_path / "README.md").read_text()
     assert "PASSED" in readme and "psnr: 30.12" in readme and "train --x" in readme
+
+
+def test_train_clip_command_writes_a_loadable_clip_and_exits_on_its_gate(tmp_path, capsys):
+    """`python -m hyperlora.toy train-clip` (the evaluation's judge CLIP): config overrides reach the card, a model
+    below its gate exits 1, and unknown keys raise."""
+    from hyperlora.toy.__main__ import main
+
+    assert main(["train-clip", "--smoke", "--out", str(tmp_path / "c"), "--set", "seed=3", "steps=2"]) == 1
+    card = read_model_card(tmp_path / "c")
+    assert card["config"]["seed"] == 3 and card["config"]["steps"] == 2 and card["passed"] is False
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.rindex("{\n  \"gates\""):])["passed"] is False
+    CLIPModel.from_pretrained(tmp_path / "c")
+    CLIPTokenizer.from_pretrained(tmp_path / "c")
+    with pytest.raises(ValueError, match="stepz"):
+        main(["train-clip", "--smoke", "--out", str(tmp_path / "d"), "--set", "stepz=2"])

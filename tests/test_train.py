@@ -272,6 +272,39 @@ def test_ship_copies_the_last_stage_and_writes_a_card_of_every_stage(schedule, t
         ship([tmp_path], tmp_path / "none")
 
 
+def test_reevaluate_replaces_a_shipped_cards_evaluation_and_keeps_the_one_before(schedule, tmp_path):
+    from hyperlora.train.ship import main as ship_main
+    from hyperlora.train.ship import reevaluate, ship
+
+    def evaluation(name, label, id_scale):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"variant": "hyperlora", "id_sim": 0.2, "label": label}]
+        (folder / "summary.json").write_text(json.dumps({"label": label, "rows": rows}))
+        (folder / "config.json").write_text(json.dumps({"config": {"id_scale": id_scale}}))
+        return folder
+
+    out = ship([schedule], tmp_path / "shipped", evaluation=evaluation("old", "PLUMBING, NOT RESULTS: old judge", 2.5))
+    before = json.loads((out / "model_card.json").read_text())
+    weights = _state(out)
+    assert ship_main([str(out), "--reevaluate", "--eval", str(evaluation("new", "new judge", 2.5))]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["figures"]["evaluation"]["label"] == "new judge" and card["summary"].endswith("Evaluation label: new judge")
+    assert [e["label"] for e in card["figures"]["earlier_evaluations"]] == ["PLUMBING, NOT RESULTS: old judge"]
+    assert card["stages"] == before["stages"] and card["figures"]["stages"] == before["figures"]["stages"]
+    assert card["shipped_by"]["command"] == before["command"] and "--reevaluate" in card["command"]
+    assert all(torch.equal(weights[k], v) for k, v in _state(out).items()), "the weights are not touched"
+    reevaluate(out, tmp_path / "new")  # twice: both earlier evaluations kept, the first ship command too
+    card = json.loads((out / "model_card.json").read_text())
+    assert len(card["figures"]["earlier_evaluations"]) == 2 and card["shipped_by"]["command"] == before["command"]
+    with pytest.raises(ValueError, match="measured at ID weight 1.0; .* is used at 2.5"):
+        reevaluate(out, evaluation("other_weight", "x", 1.0))
+    with pytest.raises(ValueError, match="not a shipped model folder"):
+        reevaluate(schedule / "stage3", tmp_path / "new")
+    with pytest.raises(SystemExit):
+        ship_main([str(out), "--reevaluate"])  # no --eval
+
+
 def test_ship_takes_a_snapshot_of_a_stage_stopped_early_as_the_last_stage(schedule, tmp_path):
     from hyperlora.train.ship import ship
     from hyperlora.train.snapshot import snapshot

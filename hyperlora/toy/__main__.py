@@ -1,6 +1,6 @@
 """Command line of the toy world: `python -m hyperlora.toy build` retrains every toy model; `info` lists them;
 `train-unet` and `train-controlnet` train one candidate model each; `train-traits` the identity-trait reader, the
-evaluation's second identity judge."""
+evaluation's second identity judge; `train-clip` a toy CLIP apart from the build (the evaluation's judge CLIP)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     p_tr.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="TraitReaderConfig overrides, e.g. "
                       "steps=1000")  # fmt: skip
     p_tr.add_argument("--smoke", action="store_true", help="the smoke preset (seconds; plumbing only)")
+    p_clip = commands.add_parser("train-clip", help="train a toy CLIP apart from the build (e.g. the evaluation's "
+                                 "judge CLIP, data/toy/clip_judge)")  # fmt: skip
+    p_clip.add_argument("--out", required=True, help="the CLIP folder to write (model, tokenizer, model card)")
+    p_clip.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="CLIPTrainConfig overrides, e.g. "
+                        "steps=4200 seed=1 data_seed=1 (values parsed as JSON, else as strings)")  # fmt: skip
+    p_clip.add_argument("--smoke", action="store_true", help="the smoke preset (seconds; plumbing only)")
     args = parser.parse_args(argv)
+    if args.command == "train-clip":
+        return _train_clip(args)
     if args.command == "train-traits":
         return _train_traits(args)
     if args.command == "train-unet":
@@ -118,6 +126,19 @@ def _train_controlnet(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     train_controlnet(config, args.out, unet_dir=args.unet, pipeline_dir=args.pipeline, resume=args.resume)
     return 0
+
+
+def _train_clip(args) -> int:
+    import dataclasses
+
+    from .clip import CLIPTrainConfig, train_clip
+
+    base = CLIPTrainConfig.smoke() if args.smoke else CLIPTrainConfig()
+    config = CLIPTrainConfig.from_dict({**dataclasses.asdict(base), **_overrides(args.set)})  # unknown keys raise
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    card = json.loads((train_clip(config, args.out) / "model_card.json").read_text())
+    print(json.dumps({key: card[key] for key in ("gates", "passed", "train_seconds")}, indent=2))
+    return 0 if card["passed"] else 1
 
 
 def _train_traits(args) -> int:

@@ -319,8 +319,8 @@ def folder_size(path: Path) -> int:
 
 
 # Shipped toy models that `build` does not make (its 90-minute budget is spent): each has its own command,
-# `python -m hyperlora.toy train-controlnet` and `train-traits`.
-OWN_COMMAND_FOLDERS = ("controlnet", "traits")
+# `python -m hyperlora.toy train-controlnet`, `train-traits` and `train-clip` (the evaluation's judge CLIP).
+OWN_COMMAND_FOLDERS = ("controlnet", "traits", "clip_judge")
 
 
 def info(out: str | Path = DEFAULT_TOY_DIR) -> list[dict]:

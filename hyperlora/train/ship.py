@@ -1,4 +1,5 @@
-r"""`python -m hyperlora.train.ship STAGE_DIR [STAGE_DIR ...] --out data/toy/hyperlora [--eval EVAL_DIR]`.
+r"""`python -m hyperlora.train.ship STAGE_DIR [STAGE_DIR ...] --out data/toy/hyperlora [--eval EVAL_DIR]`, and
+`python -m hyperlora.train.ship MODEL_DIR --reevaluate --eval EVAL_DIR` for a shipped model scored again.
 
 A trained schedule as a model folder that explains itself: the last stage's exported checkpoint (the official
 four files, `base_resampler.safetensors` where there is a Base-LoRA, and `config.json`) plus a model card
@@ -178,19 +179,58 @@ def ship(stages: list[str | Path], out: str | Path, *, evaluation: str | Path | 
     return out
 
 
+def reevaluate(model: str | Path, evaluation: str | Path) -> Path:
+    """Put a new evaluation into a shipped model's card (`--reevaluate`): weights, stages and recipe unchanged. For a
+    judge or protocol that changed after shipping; the evaluation it replaces stays in `figures.earlier_evaluations`
+    and the original ship command and commit in `shipped_by`. The new evaluation must be at the model's ID weight."""
+    from ..toy.cards import write_model_card
+
+    model = Path(model)
+    card = json.loads((model / CARD).read_text()) if (model / CARD).is_file() else {}
+    if (model / DONE_FILE).is_file() or not card.get("stages"):
+        raise ValueError(f"{model}: not a shipped model folder (a {CARD} that lists its stages)")
+    figures = eval_rows(evaluation)
+    used_at = json.loads((model / "config.json").read_text()).get("id_weight")
+    if used_at is not None and figures.get("id_scale") != used_at:
+        raise ValueError(f"{evaluation} was measured at ID weight {figures.get('id_scale')}; {model} is used at {used_at}")
+    earlier = card["figures"].get("earlier_evaluations", []) + [card["figures"]["evaluation"]] * ("evaluation" in card["figures"])
+    summary = card["summary"].split(" Evaluation label: ")[0]
+    summary += f" Evaluation label: {figures['label']}" if figures["label"] else ""
+    shipped_by = card.get("shipped_by") or {k: card.get(k) for k in ("command", "git_commit", "created_utc")}
+    write_model_card(model, name=card["name"], summary=summary, config=card["config"], train_seconds=card["train_seconds"],
+                     figures={**card["figures"], "evaluation": figures, "earlier_evaluations": earlier},
+                     gates=card.get("gates") or None, command=[sys.executable, "-m", "hyperlora.train.ship", str(model),
+                     "--reevaluate", "--eval", str(evaluation)], extra={"stages": card["stages"], "shipped_by": shipped_by},
+                     threads=card.get("environment", {}).get("threads"))  # fmt: skip
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hyperlora.train.ship", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("stages", nargs="+", help="the stages' run folders in order, or one schedule folder; the "
                         "last may be a snapshot (RUN/snapshots/step-N) of a stage stopped early")
-    parser.add_argument("--out", required=True, help="the model folder to write (e.g. data/toy/hyperlora)")
+    parser.add_argument("--out", help="the model folder to write (e.g. data/toy/hyperlora)")
     parser.add_argument("--eval", help="an eval.run output folder scoring this checkpoint (its summary.json)")
     parser.add_argument("--name", default="toy HyperLoRA")
     parser.add_argument("--note", default="", help="a sentence on the recipe for the card's summary")
     parser.add_argument("--id-weight", type=float, help="the ID-LoRA weight to use it at (default: the --eval run's)")
     parser.add_argument("--max-mb", type=float, default=25.0)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--reevaluate", action="store_true", help="with one shipped model folder and --eval: put the "
+                        "new evaluation into its card, weights and stages unchanged (the earlier one is kept)")
     args = parser.parse_args(argv)
+    if args.reevaluate:
+        if len(args.stages) != 1 or not args.eval or args.out:
+            parser.error("--reevaluate takes one shipped model folder and --eval, and no --out")
+        try:
+            print(f"re-evaluated {reevaluate(args.stages[0], args.eval)}")
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.out:
+        parser.error("--out is required (the model folder to write)")
     try:
         out = ship(args.stages, args.out, evaluation=args.eval, name=args.name, note=args.note,
                    id_weight=args.id_weight, max_mb=args.max_mb, overwrite=args.overwrite)  # fmt: skip
