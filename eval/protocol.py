@@ -208,6 +208,7 @@ class ToyWorld:
         default = self.dir / "clip_judge"
         self.judge_dir = Path(config.judge_clip) if config.judge_clip else default if default.is_dir() else self.clip_dir
         self.clip = ClipExtractor(self.judge_dir)  # the CLIP-T / CLIP-I judge (a missing --judge-clip raises, naming it)
+        self.config = config = dataclasses.replace(config, judge_clip=str(self.judge_dir))  # config.json names it
         analyzer = make_face_analyzer(config.judge_backend, **self.backend_kwargs(config.judge_backend))
         self.face_judge = FaceEmbeddingExtractor(analyzer, min_face_size=config.min_face_size)
         self.attribute_judge = clip_judge(self.judge_dir)

@@ -149,6 +149,7 @@ class SDXLWorld:
             config = dataclasses.replace(config, size=self.pipe.default_sample_size * self.pipe.vae_scale_factor)
         self.config, self.clip_dir = config, clip  # clip_dir: the hypernetwork's image encoder
         self.judge_dir = Path(config.judge_clip) if config.judge_clip else clip
+        self.config = config = dataclasses.replace(config, judge_clip=str(self.judge_dir))  # config.json names it
         self.clip = ClipExtractor(self.judge_dir)  # the CLIP-T / CLIP-I judge (default: the same CLIP)
         analyzer = make_face_analyzer(config.judge_backend, **self.backend_kwargs(config.judge_backend))
         self.face_judge = FaceEmbeddingExtractor(analyzer, min_face_size=config.min_face_size)

@@ -169,6 +169,7 @@ def test_the_clip_gate_is_the_judges_and_a_separate_judge_clip_is_named(toy_dir,
     world = ToyWorld(config)
     assert world.judge_dir == toy / "clip_judge" and world.clip_dir == toy / "clip" and world.clip.name == "clip:clip_judge"
     assert not world.plumbing_only and "judged by" in world.label and "its own gate MISSED" in world.label
+    assert world.config.judge_clip == str(toy / "clip_judge"), "config.json records the judge that was used"
     set_passed(toy / "clip_judge", False)
     assert ToyWorld(config).plumbing_only and "judge CLIP" in ToyWorld(config).label
     assert ToyWorld(dataclasses.replace(config, judge_clip=str(toy / "clip"))).judge_dir == toy / "clip"
