@@ -14,6 +14,9 @@ difference to the control with the standard error over people (`eval.summary.pai
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,17 @@ def pooled_records(specs: list[str]) -> list[dict]:
             raise SystemExit(f"run {label!r}: no records.jsonl in {run!r} (run python -m eval.run --out {run} first)")
         records += [{**r, "variant": f"{label} {r['variant']}", "source": r["variant"]} for r in load_records(run)]
     return records
+
+
+CLIP_JUDGED = ("clip_t", "clip_i", "adherence", "leakage")  # per-image keys the judge CLIP reads (prefixes)
+
+
+def judge_clip(run: str | Path) -> str:
+    """The CLIP that judged a run's CLIP-T, CLIP-I and looks (runs from before `judge_clip` existed: the world's own)."""
+    config = Path(run) / "config.json"
+    values = json.loads(config.read_text()).get("config", {}) if config.is_file() else {}
+    own = values.get("clip_path") if values.get("world") == "sdxl" else str(Path(values.get("toy_dir", "data/toy")) / "clip")
+    return os.path.normpath(values.get("judge_clip") or own or "?")
 
 
 def resolve_control(records: list[dict], control: str) -> str:
@@ -62,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default="id_sim", help="per-image metric (id_sim, trait_match, clip_t, ...)")
     args = parser.parse_args(argv)
     records = pooled_records(args.runs)
+    judges = {spec.partition("=")[0]: judge_clip(spec.partition("=")[2]) for spec in args.runs}
+    if args.key.startswith(CLIP_JUDGED) and len(set(judges.values())) > 1:
+        print(f"WARNING: {args.key} was judged by different CLIPs ({', '.join(f'{k}: {v}' for k, v in judges.items())}); "
+              "its gaps mix two judges and are not comparable", file=sys.stderr)  # fmt: skip
     control = resolve_control(records, args.control)
     table = paired_table(records, control, args.key)
     print(f"| variant | images | {args.key} | paired to {control} (people above 0) |\n|---|---|---|---|")

@@ -298,6 +298,24 @@ def test_paired_gap_cancels_shared_noise_and_counts_identities():
     assert paired_gap(records, "hyperlora", "base", "id_sim") is None
 
 
+def test_paired_warns_when_clip_judged_keys_come_from_two_judges(tmp_path, capsys):
+    from eval.paired import main as paired_main
+
+    for name, judge in (("old", None), ("new", "data/toy/clip_judge")):  # "old": before judge_clip existed
+        (tmp_path / name).mkdir()
+        rows = [dict(variant="hyperlora", identity=i, prompt_index=0, seed_index=0, id_sim=0.1 * i, clip_t=0.3)
+                for i in range(3)]  # fmt: skip
+        (tmp_path / name / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = {"world": "toy", "toy_dir": "data/toy", **({"judge_clip": judge} if judge else {})}
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": config}))
+    runs = [f"old={tmp_path / 'old'}", f"new={tmp_path / 'new'}"]
+    assert paired_main([*runs, "--key", "clip_t"]) == 0
+    assert "judged by different CLIPs (old: data/toy/clip, new: data/toy/clip_judge)" in capsys.readouterr().err
+    assert paired_main([*runs, "--key", "id_sim"]) == 0 and "WARNING" not in capsys.readouterr().err
+    assert paired_main([runs[0], f"again={tmp_path / 'old'}", "--key", "clip_t"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
 def test_reference_looks_avoid_asked_values_and_survive_prompt_sets_that_ask_every_value():
     from eval.prompts import Prompt, load_prompts
     from eval.protocol import reference_look_values
