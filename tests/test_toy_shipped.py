@@ -87,6 +87,21 @@ def test_shipped_clip_judge_reads_colours_and_finds_glasses_on_true_renders():
     assert worn and np.mean(worn) >= 0.5, f"glasses found on {np.mean(worn):.2f} of the renders that wear them"
 
 
+def test_shipped_judge_clip_passes_its_gate_and_is_not_the_conditioning_clip():
+    """data/toy/clip_judge (python -m hyperlora.toy train-clip): the CLIP-T and look judge eval.run uses; it must
+    meet the CLIP gate on its card and be another model than clip/, which conditions the base model and HyperLoRA."""
+    from safetensors.numpy import load_file
+
+    from hyperlora.toy.cards import read_model_card
+    from hyperlora.toy.clip import ZERO_SHOT_GATE
+
+    card = read_model_card(TOY / "clip_judge")
+    assert card["passed"] and card["figures"]["zero_shot_mean"] >= ZERO_SHOT_GATE
+    judge, own = (load_file(str(TOY / name / "model.safetensors")) for name in ("clip_judge", "clip"))
+    key = "vision_model.embeddings.patch_embedding.weight"
+    assert judge.keys() == own.keys() and not np.allclose(judge[key], own[key]), "the judge must be a separate model"
+
+
 def test_shipped_vae_reconstructs_held_out_renders():
     import torch
     from diffusers import AutoencoderKL
