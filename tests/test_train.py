@@ -294,6 +294,9 @@ def test_reevaluate_replaces_a_shipped_cards_evaluation_and_keeps_the_one_before
     assert card["stages"] == before["stages"] and card["figures"]["stages"] == before["figures"]["stages"]
     assert card["shipped_by"]["command"] == before["command"] and "--reevaluate" in card["command"]
     assert all(torch.equal(weights[k], v) for k, v in _state(out).items()), "the weights are not touched"
+    readme = (out / "README.md").read_text()  # the ship's commit and date stay the card's; the re-evaluation is added
+    assert f"- git commit: {before['git_commit']}" in readme and before["created_utc"] in readme
+    assert "- re-evaluated at git commit" in readme and f"Shipped by `{' '.join(before['command'])}`" in readme
     reevaluate(out, tmp_path / "new")  # twice: both earlier evaluations kept, the first ship command too
     card = json.loads((out / "model_card.json").read_text())
     assert len(card["figures"]["earlier_evaluations"]) == 2 and card["shipped_by"]["command"] == before["command"]

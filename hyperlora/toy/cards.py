@@ -141,20 +141,28 @@ def _threads_text(environment: dict) -> str:
 def _readme(card: dict) -> str:
     gates = card["gates"]
     verdict = "no gates" if not gates else ("PASSED" if card["passed"] else "FAILED")
+    # A card re-evaluated after shipping (`ship --reevaluate`) keeps the ship's commit and date in `shipped_by`.
+    shipped = card.get("shipped_by") or {"git_commit": card["git_commit"], "created_utc": card["created_utc"]}
+    dirty = " plus uncommitted changes" if card["git_dirty"] else ""
     lines = [
         f"# {card['name']}",
         "",
         card["summary"],
         "",
         f"- trained in {card['train_seconds']:.0f} s with {_threads_text(card['environment'])}"
-        + f" (torch {card['environment']['torch']}), {card['created_utc']}",
-        f"- git commit: {card['git_commit'] or 'unknown'}" + (" plus uncommitted changes" if card["git_dirty"] else ""),
+        + f" (torch {card['environment']['torch']}), {shipped['created_utc']}",
+        f"- git commit: {shipped['git_commit'] or 'unknown'}" + (dirty if "shipped_by" not in card else ""),
+    ]
+    if "shipped_by" in card:
+        lines.append(f"- re-evaluated at git commit {card['git_commit'] or 'unknown'}{dirty}, {card['created_utc']}")
+    lines += [
         f"- weights: {card['weights_mb']:.1f} MB",
         f"- quality gates: {verdict}",
     ]
     lines += [f"  - {key}: {'pass' if ok else 'FAIL'}" for key, ok in gates.items()]
     lines += ["", "## Figures", "", *_figure_lines(card["figures"]), "", "## Command", "", "```",
               " ".join(card["command"]), "```", "",
+              *([f"Shipped by `{' '.join(card['shipped_by']['command'])}`.", ""] if "shipped_by" in card else []),
               "The full configuration is in `model_card.json` (`config`).", ""]  # fmt: skip
     return "\n".join(lines)
 
