@@ -33,8 +33,24 @@ def pooled_records(specs: list[str]) -> list[dict]:
             raise SystemExit(f"a run is LABEL=FOLDER, got {spec!r}")
         if not (Path(run) / "records.jsonl").is_file():
             raise SystemExit(f"run {label!r}: no records.jsonl in {run!r} (run python -m eval.run --out {run} first)")
-        records += [{**r, "variant": f"{label} {r['variant']}", "source": r["variant"]} for r in load_records(run)]
+        records += [{**r, **look_keys(r), "variant": f"{label} {r['variant']}", "source": r["variant"]}
+                    for r in load_records(run)]
     return records
+
+
+def look_keys(record: dict) -> dict:
+    """Per-image `adherence` and `leakage` where the attribute judge read the image (toy runs), so that the looks pair
+    image by image like id_sim: the share of the prompt's named attributes drawn as named, and of those the prompt
+    asked unlike the references' value, the share drawn as the references' (NaN when there is none). The summary's
+    adherence_mean / leakage_mean weigh each attribute equally instead, so their means differ a little."""
+    if "predicted" not in record:
+        return {}
+    predicted, asked, reference = record["predicted"], record["prompt_attributes"], record["reference_attributes"]
+    drawn = [predicted.get(name) == value for name, value in asked.items()]
+    eligible = [name for name, value in asked.items() if name in reference and reference[name] != value]
+    copied = [predicted.get(name) == reference[name] for name in eligible]
+    return {"adherence": float(np.mean(drawn)) if drawn else float("nan"),
+            "leakage": float(np.mean(copied)) if copied else float("nan")}
 
 
 CLIP_JUDGED = ("clip_t", "clip_i", "adherence", "leakage")  # per-image keys the judge CLIP reads (prefixes)
@@ -73,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("runs", nargs="+", help="LABEL=RUN folders of one protocol")
     parser.add_argument("--control", default="hyperlora", help="the variant every other one is paired to")
-    parser.add_argument("--key", default="id_sim", help="per-image metric (id_sim, trait_match, clip_t, ...)")
+    parser.add_argument("--key", default="id_sim", help="per-image metric (id_sim, trait_match, clip_t, "
+                        "lpips_preservation, ...; toy runs also adherence and leakage)")
     args = parser.parse_args(argv)
     records = pooled_records(args.runs)
     judges = {spec.partition("=")[0]: judge_clip(spec.partition("=")[2]) for spec in args.runs}

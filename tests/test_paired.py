@@ -60,3 +60,29 @@ def test_refuses_bad_arguments(tmp_path):
         pooled_records([f"x={tmp_path / 'missing'}"])
     with pytest.raises(SystemExit, match="control variant 'hyperlora'"):
         resolve_control(pooled_records([f"x={a}"]), "hyperlora")
+
+
+def test_looks_pair_per_image_from_the_attribute_judges_reading(tmp_path):
+    from eval.paired import look_keys
+
+    reference = {"hair_colour": "pink", "clothing_type": "hoodie", "expression": "neutral"}
+    asked = {"hair_colour": "red", "expression": "neutral"}  # hair asked unlike the reference: the one eligible leak
+    copied = look_keys({"predicted": {"hair_colour": "pink", "expression": "neutral"}, "prompt_attributes": asked,
+                        "reference_attributes": reference})  # fmt: skip
+    assert copied == {"adherence": 0.5, "leakage": 1.0}
+    drawn = look_keys({"predicted": {"hair_colour": "red"}, "prompt_attributes": asked, "reference_attributes": reference})
+    assert drawn == {"adherence": 0.5, "leakage": 0.0}  # the expression was not read: a miss, not a leak
+    same = look_keys({"predicted": {}, "prompt_attributes": {"expression": "neutral"}, "reference_attributes": reference})
+    assert same["adherence"] == 0.0 and same["leakage"] != same["leakage"]  # nothing eligible: NaN, skipped when paired
+    assert look_keys({"id_sim": 0.3}) == {}  # no attribute judge (sdxl runs): no keys
+
+    folder = write_run(tmp_path / "a", {"hyperlora": [0.2, 0.1], "base": [0.0, 0.0]})
+    rows = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    for row in rows:  # hyperlora copies the reference's hair for both people, the base model draws the prompt's
+        hair = "pink" if row["variant"] == "hyperlora" else "red"
+        row.update(predicted={"hair_colour": hair}, prompt_attributes={"hair_colour": "red"},
+                   reference_attributes={"hair_colour": "pink"})  # fmt: skip
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = {row["variant"]: row for row in paired_table(pooled_records([f"x={folder}"]), "x base", "leakage")}
+    assert table["x hyperlora"]["gap"]["mean"] == pytest.approx(1.0)
+    assert table["x hyperlora"]["gap"]["identities_above_zero"] == 2
