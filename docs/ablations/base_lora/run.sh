@@ -22,13 +22,11 @@ case "$1" in
   train-without) bash docs/ablations/fast_schedule/run.sh train v5s1_nobase toy_fast --stages 3 --has-base-lora false \
                    --seed 1 --threads 1 --cache-dir runs/fast/v5s1/cache "${@:2}" ;;
   eval)
-    python -m eval.run --world toy --checkpoint "$3" --split test --num-identities 16 --seeds-per-prompt 2 \
+    python -m eval.run --world toy --checkpoint "$3" --split test --num-identities 16 --seeds-per-prompt "${SEEDS:-2}" \
       --id-scale 1.5 --methods "${4:-hyperlora}" --base-scale "${5:-0}" --out runs/base_lora/"$2" ;;
   self-with) python -m hyperlora.train "${self[@]}" --init runs/fast/v5s1/stage1/model --out runs/base_lora/self_with "${@:2}" ;;
   self-without) python -m hyperlora.train "${self[@]}" --has-base-lora false --out runs/base_lora/self_without "${@:2}" ;;
-  eval-self)
-    python -m eval.run --world toy --checkpoint runs/base_lora/self_"$2"/hyperlora --split test --num-identities 16 \
-      --seeds-per-prompt 1 --id-scale 1.5 --methods hyperlora,hyperlora_other --out runs/base_lora/eval_self_"$2" ;;
+  eval-self) SEEDS=1 bash "$0" eval eval_self_"$2" runs/base_lora/self_"$2"/hyperlora hyperlora,hyperlora_other ;;
   *) echo "usage: run.sh train-with|train-without [--resume] | eval NAME CHECKPOINT [METHODS] [BASE_SCALE]" \
           "| self-with|self-without [--resume] | eval-self with|without" >&2; exit 2 ;;
 esac
