@@ -26,7 +26,7 @@ case "$1" in
       --id-scale 1.5 --methods "${4:-hyperlora}" --base-scale "${5:-0}" --out runs/base_lora/"$2" ;;
   self-with) python -m hyperlora.train "${self[@]}" --init runs/fast/v5s1/stage1/model --out runs/base_lora/self_with "${@:2}" ;;
   self-without) python -m hyperlora.train "${self[@]}" --has-base-lora false --out runs/base_lora/self_without "${@:2}" ;;
-  eval-self) SEEDS=1 bash "$0" eval eval_self_"$2" runs/base_lora/self_"$2"/hyperlora hyperlora,hyperlora_other ;;
+  eval-self) SEEDS=1 bash docs/ablations/base_lora/run.sh eval eval_self_"$2" runs/base_lora/self_"$2"/hyperlora hyperlora,hyperlora_other ;;
   *) echo "usage: run.sh train-with|train-without [--resume] | eval NAME CHECKPOINT [METHODS] [BASE_SCALE]" \
           "| self-with|self-without [--resume] | eval-self with|without" >&2; exit 2 ;;
 esac
